@@ -1,0 +1,298 @@
+"""The noise-prediction network: the DDPM UNet (Ho et al. 2020, Appendix B), optionally class-conditional.
+
+It maps (x_t, t, y) to a tensor of x_t's shape and knows nothing about noise schedules.
+At the CIFAR-10 defaults it has the paper's 35.7M parameters.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ddpm.errors import ConfigError
+
+ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "mish": nn.Mish}
+NORMS = ("gn", "in", "bn", "none")
+
+
+def make_norm(kind: str, channels: int, num_groups: int) -> nn.Module:
+    """A normalization layer by name: group, instance, batch, or none."""
+    if kind == "gn":
+        return nn.GroupNorm(num_groups, channels)
+    if kind == "in":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "bn":
+        return nn.BatchNorm2d(channels)
+    return nn.Identity()
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Transformer-style sin/cos features of the timestep (Vaswani et al. 2017, as used by DDPM)."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / (half - 1))
+    angles = t.float()[:, None] * frequencies[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over all pixels, added to the input."""
+
+    def __init__(self, channels: int, *, norm: str, num_groups: int, num_heads: int = 1):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = make_norm(norm, channels, num_groups)
+        self.to_qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.to_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height = x.shape[2]
+        qkv = self.to_qkv(self.norm(x))
+        # (b, heads, pixels, head_dim) is the layout scaled_dot_product_attention's fast kernels expect.
+        q, k, v = rearrange(qkv, "b (qkv heads d) h w -> qkv b heads (h w) d", qkv=3, heads=self.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = rearrange(out, "b heads (h w) d -> b (heads d) h w", h=height)
+        return x + self.to_out(out)
+
+
+class ResidualBlock(nn.Module):
+    """norm-act-conv, plus time (and class) bias, norm-act-dropout-conv, plus skip; then optional attention."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        time_emb_dim: int,
+        num_classes: int | None,
+        dropout: float,
+        norm: str,
+        num_groups: int,
+        activation: str,
+        attention: bool,
+    ):
+        super().__init__()
+        self.activation = ACTIVATIONS[activation]()
+        self.norm_1 = make_norm(norm, in_channels, num_groups)
+        self.conv_1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_bias = nn.Linear(time_emb_dim, out_channels)
+        self.class_bias = nn.Embedding(num_classes, out_channels) if num_classes is not None else None
+        self.norm_2 = make_norm(norm, out_channels, num_groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv_2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.attention = (
+            AttentionBlock(out_channels, norm=norm, num_groups=num_groups) if attention else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor, time_emb: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        h = self.conv_1(self.activation(self.norm_1(x)))
+        bias = self.time_bias(self.activation(time_emb))
+        if self.class_bias is not None:
+            bias = bias + self.class_bias(y)
+        h = h + rearrange(bias, "b c -> b c 1 1")
+        h = self.conv_2(self.dropout(self.activation(self.norm_2(h))))
+        return self.attention(h + self.skip(x))
+
+
+class Downsample(nn.Module):
+    """Halves the resolution with a strided 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Doubles the resolution: nearest-neighbour upsampling, then a 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class Level(nn.Module):
+    """The residual blocks of one resolution, followed by an optional change of resolution."""
+
+    def __init__(self, blocks: list[ResidualBlock], resample: nn.Module | None):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.resample = resample
+
+
+class UNet(nn.Module):
+    """The DDPM UNet. `attention_resolutions` holds indices into `channel_mults` (1 = 16x16 for 32x32 input)."""
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        image_size: int = 32,
+        base_channels: int = 128,
+        channel_mults: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        time_emb_dim: int | None = None,
+        attention_resolutions: Sequence[int] = (1,),
+        norm: str | None = "gn",
+        num_groups: int = 32,
+        dropout: float = 0.01,
+        activation: str = "silu",
+        use_labels: bool = False,
+        num_classes: int | None = None,
+    ):
+        super().__init__()
+        norm = norm or "none"
+        channel_mults = list(channel_mults)
+        attention_resolutions = list(attention_resolutions)
+        out_channels = out_channels or in_channels
+        time_emb_dim = time_emb_dim or 4 * base_channels
+        _check_arguments(
+            in_channels, image_size, base_channels, channel_mults, num_res_blocks, time_emb_dim,
+            attention_resolutions, norm, num_groups, dropout, activation, use_labels, num_classes,
+        )  # fmt: skip
+        self.in_channels = in_channels
+        self.image_size = image_size
+        self.num_classes = num_classes if use_labels else None
+        block = dict(
+            time_emb_dim=time_emb_dim,
+            num_classes=self.num_classes,
+            dropout=dropout,
+            norm=norm,
+            num_groups=num_groups,
+            activation=activation,
+        )
+
+        self.time_mlp = nn.Sequential(
+            nn.Linear(base_channels, time_emb_dim),
+            ACTIVATIONS[activation](),
+            nn.Linear(time_emb_dim, time_emb_dim),
+        )
+        self.init_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+
+        # Every activation the down path produces is kept for a skip connection of the up path.
+        skip_channels = [base_channels]
+        channels = base_channels
+        self.down = nn.ModuleList()
+        for index, mult in enumerate(channel_mults):
+            blocks = []
+            for _ in range(num_res_blocks):
+                blocks.append(
+                    ResidualBlock(channels, base_channels * mult, attention=index in attention_resolutions, **block)
+                )
+                channels = base_channels * mult
+                skip_channels.append(channels)
+            is_last = index == len(channel_mults) - 1
+            self.down.append(Level(blocks, None if is_last else Downsample(channels)))
+            if not is_last:
+                skip_channels.append(channels)
+
+        self.middle = nn.ModuleList(
+            [
+                ResidualBlock(channels, channels, attention=True, **block),
+                ResidualBlock(channels, channels, attention=False, **block),
+            ]
+        )
+
+        self.up = nn.ModuleList()
+        for index, mult in reversed(list(enumerate(channel_mults))):
+            blocks = []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(
+                    ResidualBlock(
+                        channels + skip_channels.pop(),
+                        base_channels * mult,
+                        attention=index in attention_resolutions,
+                        **block,
+                    )
+                )
+                channels = base_channels * mult
+            self.up.append(Level(blocks, Upsample(channels) if index > 0 else None))
+
+        self.out_norm = make_norm(norm, channels, num_groups)
+        self.out_activation = ACTIVATIONS[activation]()
+        self.out_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+        self.base_channels = base_channels
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicts the noise in x_t at integer timesteps t (shape [B]); y holds class labels when conditional."""
+        if self.num_classes is not None and y is None:
+            raise ValueError("this UNet is class-conditional (use_labels=true): pass labels y")
+        if self.num_classes is None:
+            y = None
+        time_emb = self.time_mlp(sinusoidal_embedding(t, self.base_channels))
+
+        h = self.init_conv(x)
+        skips = [h]
+        for level in self.down:
+            for block in level.blocks:
+                h = block(h, time_emb, y)
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                skips.append(h)
+
+        for block in self.middle:
+            h = block(h, time_emb, y)
+
+        for level in self.up:
+            for block in level.blocks:
+                h = block(torch.cat([h, skips.pop()], dim=1), time_emb, y)
+            if level.resample is not None:
+                h = level.resample(h)
+
+        return self.out_conv(self.out_activation(self.out_norm(h)))
+
+
+def _check_arguments(
+    in_channels, image_size, base_channels, channel_mults, num_res_blocks, time_emb_dim,
+    attention_resolutions, norm, num_groups, dropout, activation, use_labels, num_classes,
+) -> None:  # fmt: skip
+    """Rejects an impossible architecture with a message naming the model.* key, before any layer is built."""
+    if in_channels < 1:
+        raise ConfigError(f"model.in_channels={in_channels} must be >= 1")
+    if base_channels < 1 or base_channels % 2:
+        raise ConfigError(f"model.base_channels={base_channels} must be a positive even number")
+    if not channel_mults or any(m < 1 for m in channel_mults):
+        raise ConfigError(f"model.channel_mults={channel_mults} must be a non-empty list of integers >= 1")
+    if num_res_blocks < 1:
+        raise ConfigError(f"model.num_res_blocks={num_res_blocks} must be >= 1")
+    if time_emb_dim < 1:
+        raise ConfigError(f"model.time_emb_dim={time_emb_dim} must be >= 1 (or null for 4 * base_channels)")
+    factor = 2 ** (len(channel_mults) - 1)
+    if image_size < factor or image_size % factor:
+        raise ConfigError(
+            f"model.image_size={image_size} must be a multiple of 2**(len(model.channel_mults)-1)={factor} "
+            f"(channel_mults={channel_mults} halves the resolution {len(channel_mults) - 1} times)"
+        )
+    for index in attention_resolutions:
+        if not 0 <= index < len(channel_mults):
+            raise ConfigError(
+                f"model.attention_resolutions contains {index}, which is out of range: it holds indices "
+                f"into model.channel_mults={channel_mults}, so 0..{len(channel_mults) - 1} are allowed"
+            )
+    if norm not in NORMS:
+        raise ConfigError(f"model.norm={norm!r} is not one of {list(NORMS)}")
+    if norm == "gn":
+        widths = sorted({base_channels * m for m in channel_mults} | {base_channels})
+        bad = [w for w in widths if w % num_groups]
+        if num_groups < 1 or bad:
+            raise ConfigError(
+                f"model.num_groups={num_groups} must divide the channel count of every level; "
+                f"model.base_channels={base_channels} x channel_mults={channel_mults} gives {widths}"
+            )
+    if not 0 <= dropout < 1:
+        raise ConfigError(f"model.dropout={dropout} must be in [0, 1)")
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"model.activation={activation!r} is not one of {list(ACTIVATIONS)}")
+    if use_labels and (num_classes is None or num_classes < 1):
+        raise ConfigError(
+            f"trainer.use_labels=true needs class labels, but the dataset has num_classes={num_classes}"
+        )
