@@ -1,0 +1,63 @@
+"""Any directory of images; class labels come from sub-folder names when every image is in one."""
+
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from ddpm.data.transforms import to_model_range
+from ddpm.errors import ConfigError, DatasetNotFoundError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class FolderImages(Dataset):
+    """Images under `path` (searched recursively); label = index of the top-level sub-folder, else -1."""
+
+    def __init__(self, path: str, image_size: int, channels: int, random_flip: bool):
+        self.root = Path(path)
+        if not self.root.is_dir():
+            raise DatasetNotFoundError(f"dataset.path={path} is not a directory")
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not self.files:
+            raise DatasetNotFoundError(
+                f"dataset.path={path} holds no images (looked for {sorted(IMAGE_SUFFIXES)}, in sub-folders too)"
+            )
+        in_subfolders = all(len(p.relative_to(self.root).parts) > 1 for p in self.files)
+        self.classes = sorted({p.relative_to(self.root).parts[0] for p in self.files}) if in_subfolders else []
+        self.labels = [self.classes.index(p.relative_to(self.root).parts[0]) if self.classes else -1 for p in self.files]
+        self.transform = to_model_range(image_size, channels, random_flip)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                return self.transform(image), self.labels[index]
+        except (UnidentifiedImageError, OSError) as error:
+            raise DatasetNotFoundError(f"{path} in dataset.path={self.root} is not a readable image: {error}") from error
+
+
+def folder(
+    path: str,
+    split: str = "train",
+    image_size: int = 64,
+    channels: int = 3,
+    num_classes: int | None = None,
+    random_flip: bool = True,
+) -> Dataset | None:
+    """All images as the train split; a folder has no test split (returns None for it)."""
+    if channels not in (1, 3):
+        raise ConfigError(f"dataset.channels={channels} must be 1 (grayscale) or 3 (RGB)")
+    if split == "test":
+        return None
+    dataset = FolderImages(path, image_size, channels, random_flip)
+    if num_classes is not None and num_classes != len(dataset.classes):
+        raise ConfigError(
+            f"dataset.num_classes={num_classes}, but dataset.path={path} has {len(dataset.classes)} class "
+            f"sub-folders {dataset.classes[:10]}; set dataset.num_classes={len(dataset.classes) or 'null'}"
+        )
+    return dataset
