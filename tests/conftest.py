@@ -1,0 +1,29 @@
+"""Shared fixtures: the project's config directory, composed the way a user's command line composes it."""
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = PROJECT_ROOT / "conf"
+os.environ.setdefault("DDPM_PROJECT_ROOT", str(PROJECT_ROOT))
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    """The config `python main.py OVERRIDES...` would run with."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def group_options(group: str) -> list[str]:
+    """Every option of a config group, read from the YAML files that exist."""
+    return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.fixture
+def compose_cfg():
+    return compose_config

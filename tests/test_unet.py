@@ -1,0 +1,85 @@
+"""The UNet: output shapes, the DDPM paper's parameter count, and its argument checks."""
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import compose_config
+from ddpm.errors import ConfigError
+from ddpm.unet import UNet
+
+SMALL = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, num_groups=8)
+
+
+@pytest.mark.parametrize("channels, size", [(1, 16), (3, 32), (3, 24)])
+@pytest.mark.parametrize("use_labels", [False, True])
+def test_output_has_the_input_shape(channels, size, use_labels):
+    model = UNet(in_channels=channels, image_size=size, use_labels=use_labels, num_classes=10, **SMALL)
+    x = torch.randn(3, channels, size, size)
+    y = torch.tensor([0, 5, 9]) if use_labels else None
+    assert model(x, torch.tensor([0, 10, 999]), y).shape == x.shape
+
+
+def test_class_labels_change_the_prediction():
+    torch.manual_seed(0)
+    model = UNet(in_channels=1, image_size=16, use_labels=True, num_classes=10, **SMALL)
+    torch.nn.init.normal_(model.down[0].blocks[0].class_bias.weight)
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 3])
+    assert not torch.allclose(model(x, t, torch.tensor([1, 1])), model(x, t, torch.tensor([2, 2])))
+
+
+def test_conditional_model_requires_labels():
+    model = UNet(in_channels=1, image_size=16, use_labels=True, num_classes=10, **SMALL)
+    with pytest.raises(ValueError, match="use_labels"):
+        model(torch.randn(1, 1, 16, 16), torch.tensor([1]))
+
+
+def test_num_classes_is_ignored_without_labels():
+    model = UNet(in_channels=1, image_size=16, use_labels=False, num_classes=10, **SMALL)
+    assert model.num_classes is None
+    assert not any("class_bias" in name for name, _ in model.named_parameters())
+
+
+def test_default_config_is_the_ddpm_papers_35_7m_parameter_model():
+    model = instantiate(compose_config().model)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == pytest.approx(35.7e6, rel=0.01)
+    assert count == 35_746_307  # the official TensorFlow implementation's count
+
+
+@pytest.mark.parametrize("norm", ["gn", "in", "bn", "none", None])
+@pytest.mark.parametrize("activation", ["silu", "relu", "mish"])
+def test_every_norm_and_activation_runs(norm, activation):
+    model = UNet(in_channels=3, image_size=8, norm=norm, activation=activation, **SMALL)
+    assert model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2])).shape == (2, 3, 8, 8)
+
+
+def test_attention_uses_scaled_dot_product_attention(monkeypatch):
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    model = UNet(in_channels=1, image_size=16, attention_resolutions=(1,), **SMALL)
+    model(torch.randn(2, 1, 16, 16), torch.tensor([1, 2]))
+    # Level 1 (8x8) on the way down and up, and the middle block (8x8): (batch, heads, pixels, head_dim).
+    assert calls and all(shape[:3] == (2, 1, 64) for shape in calls)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(image_size=30, channel_mults=(1, 2, 2, 2)), r"model\.image_size=30 must be a multiple of .*=8"),
+        (dict(attention_resolutions=(4,)), r"model\.attention_resolutions contains 4.*0\.\.3"),
+        (dict(base_channels=48, num_groups=32), r"model\.num_groups=32 must divide"),
+        (dict(activation="gelu"), r"model\.activation='gelu' is not one of"),
+        (dict(norm="ln"), r"model\.norm='ln' is not one of"),
+        (dict(dropout=1.5), r"model\.dropout=1\.5"),
+        (dict(num_res_blocks=0), r"model\.num_res_blocks=0"),
+        (dict(channel_mults=()), r"model\.channel_mults"),
+        (dict(use_labels=True, num_classes=None), r"trainer\.use_labels=true needs class labels"),
+    ],
+)
+def test_impossible_architectures_are_rejected_naming_the_key(kwargs, message):
+    arguments = dict(in_channels=3, image_size=32, base_channels=32, channel_mults=(1, 2, 2, 2), num_groups=8)
+    with pytest.raises(ConfigError, match=message):
+        UNet(**{**arguments, **kwargs})
