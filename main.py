@@ -6,12 +6,12 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 # conf/paths/default.yaml places data and outputs relative to the project, wherever the command runs from.
 os.environ.setdefault("DDPM_PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
-from ddpm.errors import UserError  # noqa: E402
+from ddpm.errors import ConfigError, UserError  # noqa: E402
 
 log = logging.getLogger("ddpm")
 
@@ -29,6 +29,10 @@ def _expected_error(error: BaseException) -> UserError | None:
 def main(cfg: DictConfig):
     task = hydra.utils.get_method(cfg.task._target_)
     try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            example = " ".join(f"{key}=..." for key in missing)
+            raise ConfigError(f"{', '.join(missing)} must be given a value, e.g. python main.py ... {example}")
         return task(cfg)
     except Exception as error:
         expected = _expected_error(error)

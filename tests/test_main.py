@@ -107,6 +107,13 @@ def test_unconditional_run_and_a_local_multirun_sweep(tmp_path):
     assert targets == ["ddpm.schedules.linear_betas", "ddpm.schedules.cosine_betas"]
 
 
+def test_experiments_compose_from_any_working_directory(tmp_path):
+    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "main.py"), "experiment=quickstart", "--cfg", "job"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "_target_: ddpm.data.digits.digits" in result.stdout and "use_labels: true" in result.stdout
+
+
 def test_plot_schedules_writes_one_figure(tmp_path):
     run_main("task=plot_schedules", "logger=none", f"hydra.run.dir={tmp_path}")
     assert Image.open(tmp_path / "schedules.png").size[0] > 1000
@@ -122,6 +129,8 @@ def test_plot_schedules_writes_one_figure(tmp_path):
         (["model.attention_resolutions=[7]"], "model.attention_resolutions contains 7"),
         (["schedule.low=0.5"], "schedule.low=0.5 must be < schedule.high=0.02"),
         (["task=sample", "checkpoint=/nonexistent/last.pt"], "checkpoint=/nonexistent/last.pt does not exist"),
+        (["task=sample"], "task=sample needs checkpoint=PATH"),
+        (["dataset=folder"], "dataset.path must be given a value"),
     ],
 )
 def test_bad_input_fails_before_training_with_a_message_naming_the_key(overrides, expected, tmp_path):
