@@ -3,6 +3,7 @@
 import dataclasses
 import logging
 import math
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -146,8 +147,10 @@ def train(
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     checkpoint_dir = run_dir / "checkpoints"
 
+    def is_periodic(step: int) -> bool:
+        return settings.checkpoint_rate > 0 and step % settings.checkpoint_rate == 0
+
     def checkpoint(step: int) -> None:
-        nonlocal saved_step
         state = {
             "model": model.state_dict(),
             "ema": diffusion.ema.state_dict() if diffusion.ema is not None else None,
@@ -156,8 +159,7 @@ def train(
             "config": config,
         }
         save_checkpoint(checkpoint_dir / "last.pt", state)
-        saved_step = step
-        if settings.checkpoint_rate and step % settings.checkpoint_rate == 0:
+        if is_periodic(step):
             save_checkpoint(checkpoint_dir / f"step_{step:07d}.pt", state)
 
     def grid(step: int, name: str) -> Path:
@@ -169,7 +171,7 @@ def train(
     interval_losses: list[float] = []
     metrics: dict[str, float] = {}
     running_loss, running_count = torch.zeros((), device=device), 0
-    grid_path, stopped_early, saved_step = None, False, None
+    grid_path, stopped_early = None, False
     started = interval_start = time.perf_counter()
     model.train()
     bar = tqdm(total=settings.iterations, desc="training", disable=not sys.stderr.isatty(), dynamic_ncols=True)
@@ -219,18 +221,21 @@ def train(
                 log.info("early stop at step %d: the train loss changed by less than %g per interval",
                          step, settings.early_stop_loss_change)  # fmt: skip
                 stopped_early = True
+        if is_periodic(step):
+            checkpoint(step)
         if settings.sample_rate and step % settings.sample_rate == 0:
             grid_path = grid(step, f"step_{step:07d}.png")
-        if settings.checkpoint_rate and step % settings.checkpoint_rate == 0:
-            checkpoint(step)
         if stopped_early:
             break
     bar.close()
 
-    if saved_step != step:
+    if not is_periodic(step):  # else the loop has just written this step's checkpoint
         checkpoint(step)
     if settings.sample_at_end:
-        grid_path = grid(step, "final.png")
+        if settings.sample_rate and step % settings.sample_rate == 0:  # this step's grid exists: no resampling
+            grid_path = Path(shutil.copyfile(grid_path, run_dir / "samples" / "final.png"))
+        else:
+            grid_path = grid(step, "final.png")
     return {
         "steps": step,
         "train_loss": metrics.get("train_loss"),
