@@ -24,9 +24,10 @@ class FolderImages(Dataset):
             raise DatasetNotFoundError(
                 f"dataset.path={path} holds no images (looked for {sorted(IMAGE_SUFFIXES)}, in sub-folders too)"
             )
-        in_subfolders = all(len(p.relative_to(self.root).parts) > 1 for p in self.files)
-        self.classes = sorted({p.relative_to(self.root).parts[0] for p in self.files}) if in_subfolders else []
-        self.labels = [self.classes.index(p.relative_to(self.root).parts[0]) if self.classes else -1 for p in self.files]
+        top_folders = [p.relative_to(self.root).parts[0] if p.parent != self.root else None for p in self.files]
+        self.classes = sorted(set(top_folders)) if None not in top_folders else []
+        index = {name: label for label, name in enumerate(self.classes)}
+        self.labels = [index.get(folder, -1) for folder in top_folders]
         self.transform = to_model_range(image_size, channels, random_flip)
 
     def __len__(self) -> int:
