@@ -112,6 +112,13 @@ class GaussianDiffusion(nn.Module):
         network = self.ema.module if (use_ema and self.ema is not None) else self.model
         return lambda x, t: network(x, t, y)
 
+    def initial_noise(
+        self, num_samples: int, device: torch.device | str, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """x_T ~ N(0, I), the starting point of every sampler."""
+        shape = (num_samples, self.channels, self.image_size, self.image_size)
+        return torch.randn(shape, device=device, generator=generator)
+
     @torch.no_grad()
     def sample(
         self,
@@ -131,9 +138,8 @@ class GaussianDiffusion(nn.Module):
         `noise` replaces the starting x_T drawn from `generator`; `sampler` is any function of the
         signature in `ddpm.samplers`.
         """
-        shape = (num_samples, self.channels, self.image_size, self.image_size)
         if noise is None:
-            noise = torch.randn(shape, device=device, generator=generator)
+            noise = self.initial_noise(num_samples, device, generator)
         with _eval_mode(self), tqdm(total=self.num_timesteps, desc="sampling", disable=not progress) as bar:
 
             def on_step(state: dict) -> None:
@@ -156,8 +162,7 @@ class GaussianDiffusion(nn.Module):
         generator: torch.Generator | None = None,
     ) -> list[torch.Tensor]:
         """The whole reverse chain [x_T, x_{T-1}, ..., x_0] on the CPU, as in the seed's API."""
-        shape = (num_samples, self.channels, self.image_size, self.image_size)
-        noise = torch.randn(shape, device=device, generator=generator)
+        noise = self.initial_noise(num_samples, device, generator)
         sequence = [noise.cpu()]
         self.sample(
             num_samples, device, y, use_ema=use_ema, generator=generator, noise=noise,
