@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddpm.checkpoint import load_checkpoint
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.ema import EMA
-from ddpm.errors import CheckpointError
+from ddpm.errors import CheckpointError, ConfigError
 
 
 def build_diffusion(cfg: DictConfig) -> GaussianDiffusion:
@@ -26,16 +26,39 @@ def build_diffusion(cfg: DictConfig) -> GaussianDiffusion:
     return instantiate(cfg.diffusion, model=model, betas=betas, ema=ema)
 
 
+def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
+    """The `optimizer` node applied to `params`; bad hyperparameters are reported under their config keys."""
+    node = cfg.optimizer
+    for key in ("lr", "eps", "weight_decay"):
+        value = node.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise ConfigError(f"optimizer.{key}={value!r} must be a number >= 0")
+    betas = node.get("betas")
+    if betas is not None and (not OmegaConf.is_list(betas) or len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"optimizer.betas={betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    try:
+        return instantiate(node)(params=params)
+    except (TypeError, ValueError) as error:  # whatever else the optimizer's own checks refuse
+        settings = ", ".join(f"optimizer.{k}={v!r}" for k, v in node.items() if not k.startswith("_"))
+        raise ConfigError(f"the optimizer {node._target_} refused its settings ({settings}): {error}") from error
+
+
 def load_diffusion(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[GaussianDiffusion, dict[str, Any]]:
     """A trained diffusion (network and EMA weights) and the checkpoint's full contents, ready to sample."""
     state = load_checkpoint(path, map_location=device)
-    diffusion = build_diffusion(OmegaConf.create(state["config"]))
+    try:
+        diffusion = build_diffusion(OmegaConf.create(state["config"]))
+    except Exception as error:  # a config from another version, or edited by hand
+        raise CheckpointError(f"checkpoint={path}: the config stored in it does not build a model: {error}") from error
     try:
         diffusion.model.load_state_dict(state["model"])
         if diffusion.ema is not None and state.get("ema") is not None:
             diffusion.ema.load_state_dict(state["ema"])
-    except RuntimeError as error:
-        raise CheckpointError(f"checkpoint={path}: its weights do not fit the model in its config: {error}") from error
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first_line = str(error).splitlines()[0]
+        raise CheckpointError(
+            f"checkpoint={path}: its weights are not those of the model its config describes ({first_line})"
+        ) from error
     return diffusion.to(device).eval(), state

@@ -1,6 +1,13 @@
-"""Checkpoints: plain state dicts, the step and the resolved config, written atomically and read safely."""
+"""Checkpoints: plain state dicts, the step and the resolved config, written atomically and read safely.
 
+Every checkpoint carries a SHA-256 digest of its own contents (tensor bytes and every other value), because a
+zip archive with flipped bits in a tensor still loads: only the digest tells a damaged file from a good one.
+"""
+
+import hashlib
+import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -9,38 +16,139 @@ import torch
 
 from ddpm.errors import CheckpointError
 
+log = logging.getLogger(__name__)
+
 REQUIRED_KEYS = ("model", "step", "config")
+DIGEST_KEY = "sha256"
+PERIODIC = re.compile(r"step_(\d+)\.pt")
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Writes `state` to a temporary file beside `path`, fsyncs it, then renames: never a partial file."""
+def periodic_name(step: int) -> str:
+    return f"step_{step:07d}.pt"
+
+
+def _feed(digest: "hashlib._Hash", value: Any) -> None:
+    """Hashes a nested structure of containers, tensors and scalars in a fixed order, with type tags."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}".encode())
+        for key in sorted(value, key=repr):
+            _feed(digest, key)
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__[0]}{len(value)}".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(f"S{type(value).__name__}:{value!r};".encode())
+
+
+def content_digest(state: dict[str, Any]) -> str:
+    digest = hashlib.sha256()
+    _feed(digest, {key: value for key, value in state.items() if key != DIGEST_KEY})
+    return digest.hexdigest()
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Makes a rename in `directory` durable; a no-op where directories cannot be opened (Windows)."""
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any], also: tuple[str | Path, ...] = ()) -> Path:
+    """Writes `state` (plus its digest) to a temporary file beside `path`, fsyncs it, then renames it to `path`:
+    never a partial file. Each path in `also` gets the same file (a hard link where the file system allows)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    state = {**state, DIGEST_KEY: content_digest(state)}
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint is an ordinary file
         with os.fdopen(handle, "wb") as file:
             torch.save(state, file)
             file.flush()
             os.fsync(file.fileno())
+        for extra in map(Path, also):
+            _link_or_copy(Path(temporary), extra)
         os.replace(temporary, path)
+        _fsync_directory(path.parent)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Reads a checkpoint with weights_only=True (no code runs on load) and checks that it is one of ours."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """`target` becomes a complete copy of `source` in one rename, whatever was there before."""
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    staging.unlink(missing_ok=True)
+    try:
+        os.link(source, staging)
+    except OSError:  # no hard links here (some network file systems): copy the bytes
+        with open(source, "rb") as src, open(staging, "wb") as dst:
+            while chunk := src.read(1 << 24):
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+    os.replace(staging, target)
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, key: str = "checkpoint"
+) -> dict[str, Any]:
+    """Reads a checkpoint with weights_only=True (no code runs on load), checks that it is one of ours and that
+    its contents match their digest. `key` is the config key that named the file, for the error messages."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint={path} does not exist")
+        raise CheckpointError(f"{key}={path} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"checkpoint={path} is not a readable checkpoint: {error}") from error
-    if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
+        reason = str(error).splitlines()[0]
+        raise CheckpointError(f"{key}={path} is not a readable checkpoint (truncated or damaged?): {reason}") from error
+    if not isinstance(state, dict) or any(name not in state for name in REQUIRED_KEYS):
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(
-            f"checkpoint={path} is not a ddpm checkpoint: it needs the keys {list(REQUIRED_KEYS)}, found {found}"
+            f"{key}={path} is not a ddpm checkpoint: it needs the keys {list(REQUIRED_KEYS)}, found {found}"
         )
+    expected = state.pop(DIGEST_KEY, None)
+    if expected is not None and content_digest(state) != expected:
+        raise CheckpointError(f"{key}={path} is corrupted: its contents do not match the digest stored with them")
     return state
+
+
+def periodic_checkpoints(directory: Path) -> list[Path]:
+    """The `step_N.pt` files in `directory`, newest (highest step) first."""
+    found = [(int(m.group(1)), p) for p in directory.glob("step_*.pt") if (m := PERIODIC.fullmatch(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def prune_periodic(directory: Path, keep: int) -> list[Path]:
+    """Deletes all but the newest `keep` periodic checkpoints (keep=0 keeps all); returns what it deleted."""
+    doomed = periodic_checkpoints(directory)[keep:] if keep > 0 else []
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed
+
+
+def remove_temporaries(directory: Path) -> list[Path]:
+    """Deletes the temporary files a write killed half-way leaves behind (`.NAME.pt.*.tmp`)."""
+    leftovers = [p for p in directory.glob(".*.pt.*.tmp") if p.is_file()]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers

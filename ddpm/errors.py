@@ -15,3 +15,11 @@ class DatasetNotFoundError(UserError, FileNotFoundError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, unreadable, or does not fit what was asked of it."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """Training produced a non-finite loss or gradient norm more often than allowed."""
+
+
+class StorageError(UserError, OSError):
+    """The run directory cannot be written, or its disk is too full for a checkpoint."""

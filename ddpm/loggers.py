@@ -1,6 +1,9 @@
-"""Experiment loggers. Each is built with `run_dir` and the resolved `config` at the call site."""
+"""Experiment loggers. Each is built with `run_dir` and the resolved `config` at the call site, and with
+`resume_step` and `resume_state` (from the checkpoint) when the run continues an earlier one."""
 
+import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -8,31 +11,57 @@ from ddpm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 MODES = ("online", "offline", "disabled")
+METRICS_FILE = "metrics.jsonl"
 
 
-class NullLogger:
-    """Logs nothing beyond the console and the run directory's files."""
+class LocalLogger:
+    """Writes every logged metric to `<run dir>/metrics.jsonl`, one JSON object per log step.
 
-    def __init__(self, run_dir: str | Path, config: dict[str, Any]):
+    On resume, the lines after the checkpoint's step (logged by the process that died) are dropped, so the
+    file reads as one uninterrupted run.
+    """
+
+    def __init__(self, run_dir: str | Path, config: dict[str, Any], resume_step: int | None = None,
+                 resume_state: dict[str, Any] | None = None):  # fmt: skip
         self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS_FILE
+        kept = []
+        if resume_step is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+                    continue
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(kept))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        pass
+        row = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()}}
+        with open(self.path, "a") as file:
+            file.write(json.dumps(row) + "\n")
 
     def log_image(self, key: str, path: str | Path, step: int, caption: str | None = None) -> None:
         pass
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue this log (saved in every checkpoint)."""
+        return {}
 
     def finish(self) -> None:
         pass
 
 
-class WandbLogger(NullLogger):
-    """Weights & Biases: config, metrics and images; `mode=offline` needs no account and writes under run_dir."""
+class WandbLogger(LocalLogger):
+    """Weights & Biases (and metrics.jsonl): config, metrics and images. `mode=offline` needs no account and
+    writes under run_dir. A resumed run continues the same wandb run id."""
 
     def __init__(
         self,
         run_dir: str | Path,
         config: dict[str, Any],
+        resume_step: int | None = None,
+        resume_state: dict[str, Any] | None = None,
         project: str = "ddpm",
         entity: str | None = None,
         mode: str = "offline",
@@ -40,12 +69,13 @@ class WandbLogger(NullLogger):
         group: str | None = None,
         tags: list[str] | None = None,
     ):
-        super().__init__(run_dir, config)
         if mode not in MODES:
             raise ConfigError(f"logger.mode={mode!r} is not one of {list(MODES)}")
+        super().__init__(run_dir, config, resume_step, resume_state)
         import wandb  # imported here so that logger=none never pays for it
 
         self._wandb = wandb
+        run_id = (resume_state or {}).get("wandb_run_id")
         self.run = wandb.init(
             project=project,
             entity=entity,
@@ -55,15 +85,23 @@ class WandbLogger(NullLogger):
             tags=list(tags or []),
             dir=str(self.run_dir),
             config=config,
+            id=run_id,
+            resume="allow" if run_id else None,
         )
+        if run_id:
+            log.info("wandb: continuing run %s from step %d", run_id, resume_step)
         if mode == "offline":
             log.info("wandb is offline; upload later with: wandb sync %s", self.run.dir.rsplit("/files", 1)[0])
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        super().log(metrics, step)
         self.run.log(metrics, step=step)
 
     def log_image(self, key: str, path: str | Path, step: int, caption: str | None = None) -> None:
         self.run.log({key: self._wandb.Image(str(path), caption=caption)}, step=step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"wandb_run_id": self.run.id}
 
     def finish(self) -> None:
         self.run.finish()

@@ -3,10 +3,10 @@
 import dataclasses
 import logging
 import math
+import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +14,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ddpm.checkpoint import save_checkpoint
+from ddpm.checkpoint import periodic_name, prune_periodic, save_checkpoint
+from ddpm.data.loader import TrainingBatches
 from ddpm.diffusion import GaussianDiffusion
-from ddpm.errors import ConfigError
+from ddpm.errors import ConfigError, NonFiniteError
 from ddpm.images import save_grid
+from ddpm.rng import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,10 @@ class TrainSettings:
     num_workers: int = 4
     grid_columns: int = 10  # sample grids: columns x columns images, or one row of this many per class
     sample_at_end: bool = True
+    resume: str = "auto"  # auto (continue from <run dir>/checkpoints when there is one) | never | PATH
+    keep_checkpoints: int = 5  # periodic checkpoints kept besides last.pt; 0 = all
+    skip_nonfinite: int = 0  # steps with a non-finite loss or gradient norm that may be skipped before stopping
+    deterministic: bool = False  # deterministic kernels only (exact resume on GPU; slower)
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -58,12 +64,14 @@ class TrainSettings:
             if getattr(self, name) < 1:
                 raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 1")
         non_negative = ("grad_clip", "warmup", "log_rate", "test_batches", "sample_rate", "checkpoint_rate",
-                        "early_stop_loss_change", "ema_start", "num_workers")  # fmt: skip
+                        "early_stop_loss_change", "ema_start", "num_workers", "keep_checkpoints", "skip_nonfinite")  # fmt: skip
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 0 (0 turns it off)")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"trainer.ema_decay={self.ema_decay} must be in [0, 1)")
+        if not self.resume.strip():
+            raise ConfigError("trainer.resume='' must be auto, never or the path of a checkpoint")
         if self.early_stop_loss_change > 0 and self.log_rate == 0:
             raise ConfigError("trainer.early_stop_loss_change > 0 compares logged losses: set trainer.log_rate > 0")
 
@@ -79,6 +87,15 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device={name!r}, but CUDA is not available here: use auto or cpu")
     return device
+
+
+def use_deterministic_kernels(enabled: bool) -> None:
+    """Deterministic kernels only: on GPU this is what makes a resumed run bit-identical to an uninterrupted
+    one (cuBLAS needs its workspace setting before CUDA starts). CPU kernels are deterministic already."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.benchmark = not enabled and torch.backends.cudnn.benchmark
 
 
 def warmup_lr(step: int, base_lr: float, warmup: int) -> float:
@@ -129,10 +146,52 @@ def sample_grid(
     return diffusion.sample(count, device, labels, generator=generator, progress=sys.stderr.isatty())
 
 
+@dataclasses.dataclass
+class LoopState:
+    """What the loop carries from one step to the next besides weights, optimizer and data position.
+
+    All of it is saved in every checkpoint, so that a resumed run logs exactly what an uninterrupted one would.
+    """
+
+    step: int = 0
+    skipped_nonfinite: int = 0
+    loss_sum: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(()))  # since the last log
+    grad_norm_sum: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(()))
+    good_steps: int = 0  # finite steps since the last log
+    interval_losses: list[float] = dataclasses.field(default_factory=list)  # one per log, for early stopping
+    stopped_early: bool = False
+    wall_time_s: float = 0.0  # training time of earlier processes of this run
+
+    def to(self, device: torch.device) -> "LoopState":
+        self.loss_sum, self.grad_norm_sum = self.loss_sum.to(device), self.grad_norm_sum.to(device)
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        state = dataclasses.asdict(self)
+        state["loss_sum"], state["grad_norm_sum"] = self.loss_sum.cpu(), self.grad_norm_sum.cpu()
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "LoopState":
+        return cls(**{field.name: state[field.name] for field in dataclasses.fields(cls)})
+
+
+def restore(resume: dict[str, Any], diffusion: GaussianDiffusion, optimizer: torch.optim.Optimizer,
+            batches: TrainingBatches) -> LoopState:  # fmt: skip
+    """Puts weights, EMA, optimizer and data position back from a checkpoint; returns the loop's state.
+    The random streams are restored by the loop itself, right before its first step."""
+    diffusion.model.load_state_dict(resume["model"])
+    if diffusion.ema is not None and resume.get("ema") is not None:
+        diffusion.ema.load_state_dict(resume["ema"])
+    optimizer.load_state_dict(resume["optimizer"])
+    batches.load_state_dict(resume["data"])
+    return LoopState.from_state_dict(resume["loop"])
+
+
 def train(
     diffusion: GaussianDiffusion,
     optimizer: torch.optim.Optimizer,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    batches: TrainingBatches,
     settings: TrainSettings,
     *,
     device: torch.device,
@@ -140,27 +199,43 @@ def train(
     logger: Any,
     config: dict[str, Any],
     test_loader: DataLoader | None = None,
+    resume: dict[str, Any] | None = None,
+    resume_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Runs settings.iterations optimizer steps (or until early stopping) and returns a summary."""
+    """Runs settings.iterations optimizer steps (or until early stopping) and returns a summary.
+
+    With `resume` (the contents of a checkpoint this loop wrote, read from `resume_path`), continues that run
+    where it stopped, bit for bit.
+    """
     model = diffusion.model
     num_classes = model.num_classes if settings.use_labels else None
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    base_lrs = [group["lr"] for group in optimizer.param_groups]  # from the config, also when resuming
     checkpoint_dir = run_dir / "checkpoints"
+    loop = restore(resume, diffusion, optimizer, batches) if resume else LoopState()
+    loop.to(device)
+    last_saved = (Path(resume_path), loop.step) if resume else None
 
     def is_periodic(step: int) -> bool:
         return settings.checkpoint_rate > 0 and step % settings.checkpoint_rate == 0
 
     def checkpoint(step: int) -> None:
+        nonlocal last_saved
         state = {
             "model": model.state_dict(),
             "ema": diffusion.ema.state_dict() if diffusion.ema is not None else None,
             "optimizer": optimizer.state_dict(),
             "step": step,
             "config": config,
+            "loop": {**loop.state_dict(), "wall_time_s": loop.wall_time_s + time.perf_counter() - started},
+            "data": batches.state_dict(),
+            "rng": capture_rng_state(),
+            "logger": logger.state_dict(),
         }
-        save_checkpoint(checkpoint_dir / "last.pt", state)
-        if is_periodic(step):
-            save_checkpoint(checkpoint_dir / f"step_{step:07d}.pt", state)
+        periodic = checkpoint_dir / periodic_name(step)
+        save_checkpoint(checkpoint_dir / "last.pt", state, also=(periodic,) if is_periodic(step) else ())
+        last_saved = (checkpoint_dir / "last.pt", step)
+        for path in prune_periodic(checkpoint_dir, settings.keep_checkpoints):
+            log.info("removed %s (trainer.keep_checkpoints=%d)", path.name, settings.keep_checkpoints)
 
     def grid(step: int, name: str) -> Path:
         images = sample_grid(diffusion, device=device, columns=settings.grid_columns, num_classes=num_classes)
@@ -168,71 +243,85 @@ def train(
         logger.log_image("samples", path, step, caption=f"step {step}")
         return path
 
-    interval_losses: list[float] = []
+    def refuse_nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        saved = (f"the last intact checkpoint is {last_saved[0]} (step {last_saved[1]})" if last_saved
+                 else "no checkpoint has been written yet")  # fmt: skip
+        raise NonFiniteError(
+            f"step {loop.step}: the loss is {loss.item():.4g} and the gradient norm {grad_norm.item():.4g}. The weights "
+            f"were not updated with it; {saved}. Lower optimizer.lr, set trainer.warmup or trainer.grad_clip, or "
+            f"let trainer.skip_nonfinite=N skip up to N such steps (now {settings.skip_nonfinite})."
+        )
+
     metrics: dict[str, float] = {}
-    running_loss, running_count = torch.zeros((), device=device), 0
-    grid_path, stopped_early = None, False
+    grid_path = None
     started = interval_start = time.perf_counter()
+    interval_iterations = 0
     model.train()
-    bar = tqdm(total=settings.iterations, desc="training", disable=not sys.stderr.isatty(), dynamic_ncols=True)
-    step = 0
-    while step < settings.iterations:
-        for group, base_lr in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = warmup_lr(step, base_lr, settings.warmup)
-        x, y = next(batches)
-        x = x.to(device, non_blocking=True)
-        labels = y.to(device, non_blocking=True) if settings.use_labels else None
+    if resume:
+        restore_rng_state(resume["rng"])  # last, after everything that drew random numbers while being built
+    bar = tqdm(total=settings.iterations, initial=loop.step, desc="training", disable=not sys.stderr.isatty(),
+               dynamic_ncols=True)  # fmt: skip
+    try:
+        while loop.step < settings.iterations and not loop.stopped_early:
+            for group, base_lr in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = warmup_lr(loop.step, base_lr, settings.warmup)
+            x, y = next(batches)
+            x = x.to(device, non_blocking=True)
+            labels = y.to(device, non_blocking=True) if settings.use_labels else None
 
-        loss = diffusion(x, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if settings.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        optimizer.step()
-        diffusion.update_ema()
-        step += 1
-        bar.update()
+            loss = diffusion(x, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            max_norm = settings.grad_clip if settings.grad_clip > 0 else math.inf  # inf: measure, do not clip
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            loop.step += 1
+            interval_iterations += 1
+            # One host sync per step: a non-finite step must be caught before it reaches the weights.
+            if bool(torch.isfinite(loss.detach() + grad_norm)):
+                optimizer.step()
+                diffusion.update_ema()
+                loop.loss_sum += loss.detach()
+                loop.grad_norm_sum += grad_norm
+                loop.good_steps += 1
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                loop.skipped_nonfinite += 1
+                if loop.skipped_nonfinite > settings.skip_nonfinite:
+                    refuse_nonfinite(loss, grad_norm)
+                log.warning("step %d: non-finite loss %.4g or gradient norm %.4g; step skipped (%d of at most %d)",
+                            loop.step, loss.item(), grad_norm.item(), loop.skipped_nonfinite, settings.skip_nonfinite)
+            bar.update()
 
-        # Accumulated on the device; read (one host sync) only when logging.
-        running_loss += loss.detach()
-        running_count += 1
-        if settings.log_rate and step % settings.log_rate == 0:
-            elapsed = time.perf_counter() - interval_start
-            metrics = {
-                "train_loss": running_loss.item() / running_count,
-                "lr": optimizer.param_groups[0]["lr"],
-                "images_per_s": running_count * x.shape[0] / elapsed,
-            }
-            if test_loader is not None:
-                metrics["test_loss"] = estimate_test_loss(
-                    diffusion, test_loader, device=device, use_labels=settings.use_labels,
-                    max_batches=settings.test_batches,
-                )  # fmt: skip
-            if not math.isfinite(metrics["train_loss"]):
-                raise FloatingPointError(f"the train loss is {metrics['train_loss']} at step {step}")
-            logger.log(metrics, step)
-            log.info("step %d/%d  %s", step, settings.iterations, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-            bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
-            interval_losses.append(metrics["train_loss"])
-            running_loss.zero_()
-            running_count = 0
-            interval_start = time.perf_counter()
-            if should_stop_early(interval_losses, settings.early_stop_loss_change):
-                log.info("early stop at step %d: the train loss changed by less than %g per interval",
-                         step, settings.early_stop_loss_change)  # fmt: skip
-                stopped_early = True
-        if is_periodic(step):
-            checkpoint(step)
-        if settings.sample_rate and step % settings.sample_rate == 0:
-            grid_path = grid(step, f"step_{step:07d}.png")
-        if stopped_early:
-            break
-    bar.close()
+            if settings.log_rate and loop.step % settings.log_rate == 0:
+                metrics = log_interval(loop, optimizer, settings, images=interval_iterations * x.shape[0],
+                                       seconds=time.perf_counter() - interval_start)  # fmt: skip
+                if test_loader is not None:
+                    metrics["test_loss"] = estimate_test_loss(
+                        diffusion, test_loader, device=device, use_labels=settings.use_labels,
+                        max_batches=settings.test_batches,
+                    )  # fmt: skip
+                logger.log(metrics, loop.step)
+                log.info("step %d/%d  %s", loop.step, settings.iterations,
+                         "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))  # fmt: skip
+                if "train_loss" in metrics:
+                    bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
+                interval_iterations, interval_start = 0, time.perf_counter()
+                if should_stop_early(loop.interval_losses, settings.early_stop_loss_change):
+                    log.info("early stop at step %d: the train loss changed by less than %g per interval",
+                             loop.step, settings.early_stop_loss_change)  # fmt: skip
+                    loop.stopped_early = True
+            if is_periodic(loop.step):
+                checkpoint(loop.step)
+            if settings.sample_rate and loop.step % settings.sample_rate == 0:
+                grid_path = grid(loop.step, f"step_{loop.step:07d}.png")
+    finally:
+        bar.close()
 
-    if not is_periodic(step):  # else the loop has just written this step's checkpoint
+    step = loop.step
+    if last_saved != (checkpoint_dir / "last.pt", step):  # else this step's last.pt is on disk already
         checkpoint(step)
     if settings.sample_at_end:
-        if settings.sample_rate and step % settings.sample_rate == 0:  # this step's grid exists: no resampling
+        if grid_path is not None and grid_path.name == f"step_{step:07d}.png":  # this step's grid exists
             grid_path = Path(shutil.copyfile(grid_path, run_dir / "samples" / "final.png"))
         else:
             grid_path = grid(step, "final.png")
@@ -240,8 +329,28 @@ def train(
         "steps": step,
         "train_loss": metrics.get("train_loss"),
         "test_loss": metrics.get("test_loss"),
-        "stopped_early": stopped_early,
-        "wall_time_s": time.perf_counter() - started,
+        "stopped_early": loop.stopped_early,
+        "skipped_nonfinite": loop.skipped_nonfinite,
+        "resumed_from_step": resume["step"] if resume else None,
+        "wall_time_s": loop.wall_time_s + time.perf_counter() - started,
         "sample_grid": str(grid_path) if grid_path else None,
         "checkpoint": str(checkpoint_dir / "last.pt"),
     }
+
+
+def log_interval(loop: LoopState, optimizer: torch.optim.Optimizer, settings: TrainSettings, *, images: int,
+                 seconds: float) -> dict[str, float]:  # fmt: skip
+    """The metrics of the interval since the last log (one host sync), and a fresh interval in `loop`."""
+    metrics: dict[str, float] = {}
+    if loop.good_steps:
+        metrics["train_loss"] = loop.loss_sum.item() / loop.good_steps
+        metrics["grad_norm"] = loop.grad_norm_sum.item() / loop.good_steps
+        loop.interval_losses.append(metrics["train_loss"])
+    metrics["lr"] = optimizer.param_groups[0]["lr"]
+    metrics["images_per_s"] = images / max(seconds, 1e-9)
+    if settings.skip_nonfinite:
+        metrics["skipped_nonfinite"] = loop.skipped_nonfinite
+    loop.loss_sum.zero_()
+    loop.grad_norm_sum.zero_()
+    loop.good_steps = 0
+    return metrics

@@ -11,7 +11,7 @@ from conftest import CONF_DIR, PROJECT_ROOT, compose_config, group_options
 from test_data import trust_cifar_archive, write_cifar_archive
 from ddpm.build import build_diffusion
 from ddpm.diffusion import GaussianDiffusion
-from ddpm.loggers import NullLogger
+from ddpm.loggers import LocalLogger
 from ddpm.training import TrainSettings
 from ddpm.unet import UNet
 
@@ -53,7 +53,7 @@ def instantiate_option(group, cfg, tmp_path):
         assert x.shape == (1, 1, 2, 2)
     elif group == "logger":
         logger = instantiate(node)(run_dir=tmp_path, config={"a": 1})
-        assert isinstance(logger, NullLogger)
+        assert isinstance(logger, LocalLogger)
         logger.log({"loss": 1.0}, step=1)
         logger.finish()
     elif group == "task":

@@ -7,11 +7,11 @@ import torch
 
 from ddpm.checkpoint import load_checkpoint, save_checkpoint
 from ddpm.data.digits import digits
-from ddpm.data.loader import training_batches
+from ddpm.data.loader import TrainingBatches
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.ema import EMA
 from ddpm.errors import CheckpointError, ConfigError
-from ddpm.loggers import NullLogger
+from ddpm.loggers import LocalLogger
 from ddpm.schedules import linear_betas
 from ddpm.training import TrainSettings, resolve_device, should_stop_early, train, warmup_lr
 from ddpm.unet import UNet
@@ -67,13 +67,13 @@ def test_devices():
 
 def test_batch_larger_than_the_dataset_is_refused():
     with pytest.raises(ConfigError, match="trainer.batch_size=5000"):
-        next(training_batches(digits(), 5000, num_workers=0, seed=0))
+        next(TrainingBatches(digits(), 5000, num_workers=0, seed=0))
 
 
 def test_training_order_depends_on_the_seed_alone():
-    first = next(training_batches(digits(), 16, num_workers=0, seed=3))[1]
-    second = next(training_batches(digits(), 16, num_workers=0, seed=3))[1]
-    other = next(training_batches(digits(), 16, num_workers=0, seed=4))[1]
+    first = next(TrainingBatches(digits(), 16, num_workers=0, seed=3))[1]
+    second = next(TrainingBatches(digits(), 16, num_workers=0, seed=3))[1]
+    other = next(TrainingBatches(digits(), 16, num_workers=0, seed=4))[1]
     assert torch.equal(first, second) and not torch.equal(first, other)
 
 
@@ -121,9 +121,9 @@ def tiny_diffusion(use_labels=True):
     return GaussianDiffusion(model, linear_betas(50), 16, 1, ema=EMA(model, decay=0.9, start=2))
 
 
-class RecordingLogger(NullLogger):
-    def __init__(self):
-        super().__init__(".", {})
+class RecordingLogger(LocalLogger):
+    def __init__(self, run_dir):
+        super().__init__(run_dir, {})
         self.metrics, self.images = [], []
 
     def log(self, metrics, step):
@@ -139,10 +139,10 @@ def run_loop(tmp_path, **overrides):
     settings = TrainSettings(**{"iterations": 8, "batch_size": 16, "use_labels": True, "log_rate": 2,
                                 "checkpoint_rate": 4, "sample_rate": 0, "grid_columns": 1, "device": "cpu",
                                 "num_workers": 0, "test_batches": 1, **overrides})  # fmt: skip
-    logger = RecordingLogger()
+    logger = RecordingLogger(tmp_path)
     optimizer = torch.optim.Adam(diffusion.model.parameters(), lr=1e-3)
     summary = train(
-        diffusion, optimizer, training_batches(digits(), 16, num_workers=0, seed=0), settings,
+        diffusion, optimizer, TrainingBatches(digits(), 16, num_workers=0, seed=0), settings,
         device=torch.device("cpu"), run_dir=tmp_path, logger=logger, config={"note": "test"},
         test_loader=torch.utils.data.DataLoader(digits(split="test"), batch_size=16),
     )  # fmt: skip

@@ -1,63 +1,76 @@
-"""task=train: compose every component from the config and run the training loop."""
+"""task=train: compose every component from the config and run the training loop, or continue it."""
 
 import json
 import logging
-import random
 from pathlib import Path
 
-import numpy as np
-import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.build import build_diffusion
-from ddpm.data.loader import evaluation_batches, training_batches
-from ddpm.training import TrainSettings, resolve_device, train
+from ddpm.build import build_diffusion, build_optimizer
+from ddpm.checkpoint import remove_temporaries
+from ddpm.data.loader import TrainingBatches, evaluation_batches
+from ddpm.preflight import check_storage, estimated_checkpoint_bytes
+from ddpm.resume import check_resumable, find_resume_checkpoint
+from ddpm.rng import seed_everything
+from ddpm.training import TrainSettings, resolve_device, train, use_deterministic_kernels
 
 log = logging.getLogger(__name__)
 
 
-def seed_everything(seed: int) -> None:
-    """Seeds Python, NumPy and torch (every device), so a run is repeatable from its config."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def run(cfg: DictConfig) -> dict:
-    """YAML -> settings -> data -> diffusion -> optimizer -> logger -> loop -> checkpoint and summary."""
+    """YAML -> settings -> data -> checkpoint to resume -> diffusion -> optimizer -> preflight -> logger -> loop.
+
+    Everything that can be wrong with the config, the data, the checkpoint or the disk is found before the
+    first step, and nothing in the run directory is written before that.
+    """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    checkpoint_dir = run_dir / "checkpoints"
     config = OmegaConf.to_container(cfg, resolve=True)
-    OmegaConf.save(config, run_dir / "config.yaml")
 
     settings: TrainSettings = instantiate(cfg.trainer)
     device = resolve_device(settings.device)
-    seed_everything(settings.seed)
-
-    diffusion = build_diffusion(cfg).to(device)
+    use_deterministic_kernels(settings.deterministic)
     train_set = instantiate(cfg.dataset, split="train")
     test_set = instantiate(cfg.dataset, split="test")
-    optimizer = instantiate(cfg.optimizer)(params=diffusion.model.parameters())
 
-    batches = training_batches(
-        train_set, settings.batch_size, num_workers=settings.num_workers, seed=settings.seed,
-        pin_memory=device.type == "cuda",
-    )  # fmt: skip
+    resume_setting = settings.resume if settings.resume in ("auto", "never") else to_absolute_path(settings.resume)
+    found = find_resume_checkpoint(resume_setting, checkpoint_dir)
+    resume_path, resume = found if found else (None, None)
+    if found:
+        check_resumable(resume_path, resume, config)
+
+    seed_everything(settings.seed)
+    diffusion = build_diffusion(cfg).to(device)
+    optimizer = build_optimizer(cfg, diffusion.model.parameters())
+    batches = TrainingBatches(train_set, settings.batch_size, seed=settings.seed, num_workers=settings.num_workers,
+                              pin_memory=device.type == "cuda")  # fmt: skip
     test_loader = (
         evaluation_batches(test_set, settings.batch_size, num_workers=settings.num_workers)
         if test_set is not None
         else None
     )
+    check_storage(checkpoint_dir, estimated_checkpoint_bytes(diffusion.model, diffusion.ema is not None),
+                  settings.keep_checkpoints)  # fmt: skip
+    for leftover in remove_temporaries(checkpoint_dir):
+        log.info("removed %s, left by a checkpoint write that was interrupted", leftover.name)
+
+    OmegaConf.save(config, run_dir / "config.yaml")
     num_parameters = sum(p.numel() for p in diffusion.model.parameters())
     log.info("model: %.2fM parameters; %d training images; device %s; run dir %s",
              num_parameters / 1e6, len(train_set), device, run_dir)  # fmt: skip
+    if found:
+        log.info("resuming from %s at step %d (trainer.resume=%s)", resume_path, resume["step"], settings.resume)
 
-    logger = instantiate(cfg.logger)(run_dir=run_dir, config=config)
+    logger = instantiate(cfg.logger)(
+        run_dir=run_dir, config=config,
+        resume_step=resume["step"] if found else None, resume_state=resume.get("logger") if found else None,
+    )  # fmt: skip
     try:
         summary = train(
-            diffusion, optimizer, batches, settings,
-            device=device, run_dir=run_dir, logger=logger, config=config, test_loader=test_loader,
+            diffusion, optimizer, batches, settings, device=device, run_dir=run_dir, logger=logger,
+            config=config, test_loader=test_loader, resume=resume, resume_path=resume_path,
         )  # fmt: skip
     finally:
         logger.finish()

@@ -1,0 +1,72 @@
+"""Which checkpoint a training run continues from (`trainer.resume`), and whether it may continue from it."""
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ddpm.checkpoint import load_checkpoint, periodic_checkpoints
+from ddpm.configs import describe, differences
+from ddpm.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+# A checkpoint only continues a run of the same network, process and data; everything else may change
+# (iterations, rates, learning rate...), with a warning that the result is no longer the uninterrupted run.
+MUST_MATCH = ("model", "schedule", "diffusion", "dataset")
+MUST_MATCH_TRAINER = ("use_labels", "loss_type", "use_ema")
+MAY_MOVE = ("dataset.root", "dataset.path", "dataset.download")  # the same data, somewhere else
+IGNORED = ("paths", "logger", "task", "sample", "checkpoint", "hydra", "experiment")
+TRAINING_STATE = ("optimizer", "loop", "data", "rng")
+
+
+def find_resume_checkpoint(setting: str, checkpoint_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """`trainer.resume`: never -> None; auto -> the newest intact checkpoint in checkpoint_dir (last.pt, then
+    the periodic ones, newest first), or None when there is none; anything else is the path of one."""
+    if setting == "never":
+        return None
+    if setting != "auto":
+        path = Path(setting)
+        return path, load_checkpoint(path, key="trainer.resume")
+    candidates = [p for p in [checkpoint_dir / "last.pt", *periodic_checkpoints(checkpoint_dir)] if p.is_file()]
+    failures = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path, key="trainer.resume=auto found")
+        except CheckpointError as error:
+            log.warning("%s; trying an older checkpoint", error)
+            failures.append(path.name)
+            continue
+        if failures:
+            log.warning("resuming from %s (step %d) instead of the damaged %s", path, state["step"], ", ".join(failures))
+        return path, state
+    if failures:
+        raise CheckpointError(
+            f"trainer.resume=auto: every checkpoint in {checkpoint_dir} is damaged ({', '.join(failures)}). "
+            "Start over with trainer.resume=never (this overwrites them) or pass trainer.resume=PATH."
+        )
+    return None
+
+
+def check_resumable(path: Path, state: dict[str, Any], config: dict[str, Any]) -> None:
+    """Refuses a checkpoint without training state or of another model/data; warns about other changes."""
+    missing = [key for key in TRAINING_STATE if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"trainer.resume={path} holds weights but no training state ({', '.join(missing)} missing), so the run "
+            "cannot continue from it; it can still be sampled from (task=sample checkpoint=...)."
+        )
+    saved = state["config"]
+    fixed = [c for c in differences(saved, config, MUST_MATCH) if c[0] not in MAY_MOVE]
+    fixed += [c for c in differences(saved, config, ("trainer",)) if c[0].split(".")[1] in MUST_MATCH_TRAINER]
+    if fixed:
+        key, old, new = fixed[0]
+        raise ConfigError(
+            f"{key}={new!r}, but trainer.resume={path} was trained with {key}={old!r} "
+            f"({describe(fixed)}). Continue with the checkpoint's settings, or start a new run "
+            "(trainer.resume=never, or another hydra.run.dir)."
+        )
+    sections = tuple(sorted((set(saved) | set(config)) - set(MUST_MATCH) - set(IGNORED)))
+    changed = [c for c in differences(saved, config, sections) if c[0] != "trainer.resume"]
+    if changed:
+        log.warning("continuing %s with changed settings (%s): the result will differ from the uninterrupted run",
+                    path, describe(changed))  # fmt: skip
