@@ -1,6 +1,8 @@
 """Shared fixtures: the project's config directory, composed the way a user's command line composes it."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,3 +29,13 @@ def group_options(group: str) -> list[str]:
 @pytest.fixture
 def compose_cfg():
     return compose_config
+
+
+def run_main(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python main.py ARGS...` in a subprocess, as a user runs it; raises with its output if it fails."""
+    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "main.py"), *args], capture_output=True,
+                            text=True, env=env, timeout=timeout)  # fmt: skip
+    if check and result.returncode != 0:
+        raise AssertionError(f"main.py {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result

@@ -256,7 +256,7 @@ def class_folders(tmp_path):
     write_png(tmp_path / "dog" / "d0.png", BLUE, size=(40, 30))
     write_png(tmp_path / "cat" / "c0.png", RED, size=(30, 40))
     write_png(tmp_path / "cat" / "c1.png", RED, size=(50, 50))
-    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / ".DS_Store").write_text("hidden files are not part of the dataset")
     return tmp_path
 
 
@@ -281,10 +281,16 @@ def test_folder_with_one_channel_gives_grayscale(class_folders):
     assert image.shape == (1, 16, 16)
 
 
-def test_folder_ignores_files_that_are_not_images(class_folders):
+def test_folder_skips_hidden_files(class_folders):
     dataset = folder(str(class_folders), image_size=16)
     assert len(dataset) == 3
     assert all(path.suffix == ".png" for path in dataset.files)
+
+
+def test_folder_refuses_files_that_are_not_images(class_folders):
+    (class_folders / "cat" / "notes.txt").write_text("not an image")
+    with pytest.raises(ConfigError, match=r"dataset.path=.*notes.txt"):
+        folder(str(class_folders), image_size=16)
 
 
 def test_folder_num_classes_must_match_the_subfolders(class_folders):
@@ -307,7 +313,7 @@ def test_folder_has_no_test_split(tmp_path):
 
 
 def test_folder_without_images_names_the_key(tmp_path):
-    (tmp_path / "notes.txt").write_text("a text file is not an image")
+    (tmp_path / "empty-class").mkdir()
     with pytest.raises(DatasetNotFoundError, match=re.escape("dataset.path")):
         folder(str(tmp_path))
 
@@ -317,12 +323,8 @@ def test_folder_that_does_not_exist(tmp_path):
         folder(str(tmp_path / "missing"))
 
 
-def test_corrupt_image_is_named_when_read(tmp_path):
+def test_corrupt_image_is_named_before_training(tmp_path):
     write_png(tmp_path / "good.png", RED)
     (tmp_path / "bad.png").write_bytes(b"this is not a png")
-    dataset = folder(str(tmp_path), image_size=16)  # files are only opened when indexed
-    names = [path.name for path in dataset.files]
-    assert names == ["bad.png", "good.png"]
-    assert dataset[names.index("good.png")][0].shape == (3, 16, 16)
-    with pytest.raises(DatasetNotFoundError, match=re.escape("bad.png")):
-        dataset[names.index("bad.png")]
+    with pytest.raises(ConfigError, match=r"bad.png in dataset.path=.* is not a readable image"):
+        folder(str(tmp_path), image_size=16)  # headers are read when the dataset is built

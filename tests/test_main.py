@@ -1,6 +1,5 @@
 """End to end: `python main.py` in a subprocess, as a user runs it (tiny model, digits, CPU)."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, run_main
 from wandb_records import config_values, history_rows, read_wandb_records
 
 pytestmark = pytest.mark.slow
@@ -28,15 +27,6 @@ TINY = [
     "trainer.test_batches=1",
     "trainer.grid_columns=2",
 ]
-
-
-def run_main(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
-    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "main.py"), *args], capture_output=True,
-                            text=True, env=env, timeout=600)  # fmt: skip
-    if check and result.returncode != 0:
-        raise AssertionError(f"main.py {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,16 @@
 """The loop's pieces: settings checks, warmup, early stopping, checkpoints, and a short real run in-process."""
 
-import pickle
-
 import pytest
 import torch
 
-from ddpm.checkpoint import load_checkpoint, save_checkpoint
+from ddpm.checkpoint import load_checkpoint
 from ddpm.data.digits import digits
 from ddpm.data.loader import TrainingBatches
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.ema import EMA
-from ddpm.errors import CheckpointError, ConfigError
+from ddpm.errors import ConfigError, NonFiniteError
 from ddpm.loggers import LocalLogger
+from ddpm.rng import seed_everything
 from ddpm.schedules import linear_betas
 from ddpm.training import TrainSettings, resolve_device, should_stop_early, train, warmup_lr
 from ddpm.unet import UNet
@@ -77,47 +76,9 @@ def test_training_order_depends_on_the_seed_alone():
     assert torch.equal(first, second) and not torch.equal(first, other)
 
 
-def test_checkpoint_round_trip_and_no_temporary_files_left(tmp_path):
-    state = {"model": {"w": torch.ones(2)}, "step": 7, "config": {"a": [1, 2]}}
-    save_checkpoint(tmp_path / "last.pt", state)
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
-    loaded = load_checkpoint(tmp_path / "last.pt")
-    assert loaded["step"] == 7 and torch.equal(loaded["model"]["w"], torch.ones(2))
-
-
-def test_checkpoint_errors_name_the_path(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
-        load_checkpoint(tmp_path / "missing.pt")
-    torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match=r"not a ddpm checkpoint.*\['weights'\]"):
-        load_checkpoint(tmp_path / "other.pt")
-    (tmp_path / "truncated.pt").write_bytes((tmp_path / "other.pt").read_bytes()[:40])
-    with pytest.raises(CheckpointError, match="truncated.pt is not a readable checkpoint"):
-        load_checkpoint(tmp_path / "truncated.pt")
-
-
-class WritesAFile:
-    """Unpickling this would run code; weights_only loading must refuse it."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
-    marker = tmp_path / "pwned"
-    with open(tmp_path / "evil.pt", "wb") as file:
-        torch.save({"model": WritesAFile(str(marker)), "step": 1, "config": {}}, file, pickle_module=pickle)
-    with pytest.raises(CheckpointError):
-        load_checkpoint(tmp_path / "evil.pt")
-    assert not marker.exists()
-
-
 def tiny_diffusion(use_labels=True):
     model = UNet(in_channels=1, image_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
-                 num_groups=8, use_labels=use_labels, num_classes=10)  # fmt: skip
+                 num_groups=8, use_labels=use_labels, num_classes=10, dropout=0.1)  # fmt: skip
     return GaussianDiffusion(model, linear_betas(50), 16, 1, ema=EMA(model, decay=0.9, start=2))
 
 
@@ -133,18 +94,33 @@ class RecordingLogger(LocalLogger):
         self.images.append((key, step))
 
 
-def run_loop(tmp_path, **overrides):
-    torch.manual_seed(0)
+class PoisonedBatches(TrainingBatches):
+    """Digits batches, except that the batches of the given (1-based) steps are all NaN."""
+
+    def __init__(self, poisoned_steps=()):
+        super().__init__(digits(), 16, num_workers=0, seed=0)
+        self.poisoned, self.taken = set(poisoned_steps), 0
+
+    def __next__(self):
+        x, y = super().__next__()
+        self.taken += 1
+        return (torch.full_like(x, float("nan")) if self.taken in self.poisoned else x), y
+
+
+def run_loop(tmp_path, resume_from=None, poisoned_steps=(), **overrides):
+    seed_everything(0)
     diffusion = tiny_diffusion()
     settings = TrainSettings(**{"iterations": 8, "batch_size": 16, "use_labels": True, "log_rate": 2,
                                 "checkpoint_rate": 4, "sample_rate": 0, "grid_columns": 1, "device": "cpu",
                                 "num_workers": 0, "test_batches": 1, **overrides})  # fmt: skip
     logger = RecordingLogger(tmp_path)
     optimizer = torch.optim.Adam(diffusion.model.parameters(), lr=1e-3)
+    resume = load_checkpoint(resume_from) if resume_from else None
     summary = train(
-        diffusion, optimizer, TrainingBatches(digits(), 16, num_workers=0, seed=0), settings,
+        diffusion, optimizer, PoisonedBatches(poisoned_steps), settings,
         device=torch.device("cpu"), run_dir=tmp_path, logger=logger, config={"note": "test"},
         test_loader=torch.utils.data.DataLoader(digits(split="test"), batch_size=16),
+        resume=resume, resume_path=resume_from,
     )  # fmt: skip
     return diffusion, logger, summary
 
@@ -179,3 +155,90 @@ def test_early_stopping_ends_the_run_and_still_checkpoints(tmp_path):
 def test_warmup_reaches_the_optimizer(tmp_path):
     _, logger, _ = run_loop(tmp_path, warmup=4, sample_at_end=False)
     assert [m["lr"] for _, m in logger.metrics] == pytest.approx([0.5e-3, 1e-3, 1e-3, 1e-3])
+
+
+def test_an_interrupted_loop_resumes_bit_identical(tmp_path):
+    """In-process version of tests/test_resume.py: 10 steps, against 6 steps resumed from step 4's checkpoint."""
+    uninterrupted, reference, _ = run_loop(tmp_path / "a", iterations=10, log_rate=3)
+    run_loop(tmp_path / "b", iterations=6, log_rate=3)
+    resumed, logger, summary = run_loop(tmp_path / "b", iterations=10, log_rate=3,
+                                        resume_from=tmp_path / "b" / "checkpoints" / "step_0000004.pt")
+    assert summary["resumed_from_step"] == 4 and summary["steps"] == 10
+    for name, tensor in uninterrupted.state_dict().items():
+        if isinstance(tensor, torch.Tensor):
+            assert torch.equal(resumed.state_dict()[name], tensor), name
+    assert uninterrupted.ema.num_updates == resumed.ema.num_updates == 10
+    expected = [(step, m) for step, m in reference.metrics if step > 4]
+    assert [step for step, _ in logger.metrics] == [6, 9]
+    for (step, got), (_, want) in zip(logger.metrics, expected):
+        assert {k: got[k] for k in ("train_loss", "test_loss", "grad_norm")} == \
+            {k: want[k] for k in ("train_loss", "test_loss", "grad_norm")}, step
+
+
+def test_a_nonfinite_step_stops_the_run_naming_the_step_and_the_last_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteError, match=r"step 6: the loss is nan.*last.pt \(step 4\).*trainer.skip_nonfinite"):
+        run_loop(tmp_path, poisoned_steps=[6])
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["step"] == 4  # the checkpoint on disk is still the last good one
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_skip_nonfinite_skips_and_counts_up_to_n_steps(tmp_path):
+    diffusion, logger, summary = run_loop(tmp_path, poisoned_steps=[3], skip_nonfinite=1)
+    assert summary["steps"] == 8 and summary["skipped_nonfinite"] == 1
+    assert [m["skipped_nonfinite"] for _, m in logger.metrics] == [0, 1, 1, 1]
+    assert all(torch.isfinite(t).all() for t in [*diffusion.model.parameters(), *diffusion.ema.parameters()])
+    with pytest.raises(NonFiniteError, match="step 5"):
+        run_loop(tmp_path / "again", poisoned_steps=[3, 5], skip_nonfinite=1)
+
+
+def test_keep_checkpoints_prunes_the_periodic_ones(tmp_path):
+    run_loop(tmp_path, iterations=8, checkpoint_rate=2, keep_checkpoints=2, sample_at_end=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt", "step_0000006.pt",
+                                                                           "step_0000008.pt"]
+
+
+class RandomlyFlipped(torch.utils.data.Dataset):
+    """(digit flipped left-right at random through torch's global RNG, as torchvision's transforms do, index)."""
+
+    def __init__(self, size):
+        self.images = digits().tensors[0][:size]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        image = self.images[index]
+        return (image.flip(-1) if torch.rand(()) < 0.5 else image), index
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batches_restart_at_any_position_with_the_same_order_and_augmentation(num_workers):
+    dataset = RandomlyFlipped(size=40)  # 2 full batches of 16 per epoch: the run below crosses epochs
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    batches = TrainingBatches(dataset, 16, seed=5, num_workers=num_workers)
+    stream = [next(batches) for _ in range(7)]
+    assert torch.equal(torch.get_rng_state(), before)  # loading never draws from the caller's stream
+    state = batches.state_dict()
+    assert (state["epoch"], state["batch"]) == (3, 1)
+
+    fresh = TrainingBatches(dataset, 16, seed=5, num_workers=0)
+    fresh.load_state_dict({**state, "epoch": 1, "batch": 1})  # restart at the 4th batch
+    for (x, i), (x_again, i_again) in zip(stream[3:], [next(fresh) for _ in range(4)]):
+        assert torch.equal(x, x_again) and torch.equal(i, i_again)
+    reference = TrainingBatches(dataset, 16, seed=5, num_workers=0)
+    assert all(torch.equal(x, next(reference)[0]) for x, _ in stream)  # workers change nothing
+
+
+def test_augmentation_differs_between_images_and_epochs():
+    dataset = RandomlyFlipped(size=32)
+    batches = TrainingBatches(dataset, 32, seed=0)
+
+    def flipped(batch):
+        images, indices = batch
+        return {int(i): not torch.equal(x, dataset.images[i]) for x, i in zip(images, indices)}
+
+    first, second = flipped(next(batches)), flipped(next(batches))  # two epochs of the same 32 images
+    assert set(first.values()) == {True, False}  # chance of failing: 2 in 2**32
+    assert first != second

@@ -19,11 +19,20 @@ class FolderImages(Dataset):
         self.root = Path(path)
         if not self.root.is_dir():
             raise DatasetNotFoundError(f"dataset.path={path} is not a directory")
-        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not self.files:
+        files = sorted(p for p in self.root.rglob("*") if p.is_file() and not _hidden(p.relative_to(self.root)))
+        others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+        if others:
+            raise ConfigError(
+                f"dataset.path={path} holds files that are not images, e.g. {', '.join(map(str, others[:3]))} "
+                f"({len(others)} in all; images end in {sorted(IMAGE_SUFFIXES)}). Move them out of the folder."
+            )
+        if not files:
             raise DatasetNotFoundError(
                 f"dataset.path={path} holds no images (looked for {sorted(IMAGE_SUFFIXES)}, in sub-folders too)"
             )
+        for file in files:  # reads headers only: a broken file is reported now, not hours into training
+            _check_image(file, self.root)
+        self.files = files
         top_folders = [p.relative_to(self.root).parts[0] if p.parent != self.root else None for p in self.files]
         self.classes = sorted(set(top_folders)) if None not in top_folders else []
         index = {name: label for label, name in enumerate(self.classes)}
@@ -39,7 +48,20 @@ class FolderImages(Dataset):
             with Image.open(path) as image:
                 return self.transform(image), self.labels[index]
         except (UnidentifiedImageError, OSError) as error:
-            raise DatasetNotFoundError(f"{path} in dataset.path={self.root} is not a readable image: {error}") from error
+            raise ConfigError(f"{path} in dataset.path={self.root} is not a readable image: {error}") from error
+
+
+def _hidden(relative: Path) -> bool:
+    """.DS_Store, .git/... and the like are not part of a dataset."""
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _check_image(path: Path, root: Path) -> None:
+    try:
+        with Image.open(path):
+            pass
+    except (UnidentifiedImageError, OSError) as error:
+        raise ConfigError(f"{path} in dataset.path={root} is not a readable image: {error}") from error
 
 
 def folder(

@@ -1,0 +1,275 @@
+"""Every bad value a user can type is refused with one message that names the key and the value.
+
+For each case in CASES, `python main.py OVERRIDES...` (run in-process, as Hydra runs it from the command line)
+must exit with status 1; its output must contain the given substrings (the key and the bad value) and no
+traceback; and the checkpoints of two existing training runs must be byte for byte what they were (same files,
+same SHA-256, same mtime). Training cases run inside the directory of an existing run, where trainer.resume=auto
+finds its checkpoints; a case that slipped through validation would train there and write over them.
+
+Two cases are also run as a real `python main.py` subprocess (marked slow), as a user would see them.
+"""
+
+import hashlib
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import PROJECT_ROOT
+
+# The runs the cases work against: a tiny version of experiment=quickstart (digits, CPU), 2 steps.
+RUN = [
+    "experiment=quickstart",
+    "logger=none",
+    "model.base_channels=8",
+    "model.channel_mults=[1,2]",
+    "model.attention_resolutions=[1]",
+    "model.num_groups=4",
+    "schedule.num_timesteps=50",
+    "trainer.iterations=2",
+    "trainer.batch_size=4",
+    "trainer.checkpoint_rate=1",
+    "trainer.log_rate=2",
+    "trainer.test_batches=1",
+    "trainer.sample_at_end=false",
+]
+# A sampling command that would work (with checkpoint={cond}); cases add or replace overrides.
+SAMPLE = ["task=sample", "logger=none", "sample.num_images=2", "sample.batch_size=2", "sample.device=cpu"]
+PLOT = ["task=plot_schedules", "logger=none"]
+
+
+def case(base: list[str], overrides: list[str], *expected: str, id: str, resume: str | None = None):
+    """One bad command: `base` with `overrides` added or replacing the same keys, and the substrings its
+    output must show. resume="never" asks to start over in the run directory (so that the check of the value
+    itself is reached rather than the refusal to resume a run of another model)."""
+    if resume:
+        overrides = [*overrides, f"trainer.resume={resume}"]
+    return pytest.param(base, overrides, expected, id=id)
+
+
+CASES = [
+    # Unknown options of config groups, and unknown keys: Hydra refuses them while composing.
+    case(RUN, ["schedule=foo"], "schedule/foo", id="unknown-schedule"),
+    case(RUN, ["model=resnet"], "model/resnet", id="unknown-model"),
+    case(RUN, ["dataset=imagenet"], "dataset/imagenet", id="unknown-dataset"),
+    case(RUN, ["optimizer=sgd"], "optimizer/sgd", id="unknown-optimizer"),
+    case(RUN, ["sampler=ddim"], "sampler/ddim", id="unknown-sampler"),
+    case(RUN, ["diffusion=vp"], "diffusion/vp", id="unknown-diffusion"),
+    case(RUN, ["task=evaluate"], "task/evaluate", id="unknown-task"),
+    case(RUN, ["logger=tensorboard"], "logger/tensorboard", id="unknown-logger"),
+    case(RUN, ["experiment=cifar100"], "experiment/cifar100", id="unknown-experiment"),
+    case(RUN, ["trainer.iteratons=3"], "trainer.iteratons", "iteratons=3", id="unknown-key-typo"),
+    # trainer: out of range and wrong types.
+    case(RUN, ["trainer.iterations=0"], "trainer.iterations=0 must be >= 1", id="trainer-iterations-zero"),
+    case(RUN, ["trainer.batch_size=-3"], "trainer.batch_size=-3", id="trainer-batch-size-negative"),
+    case(RUN, ["trainer.batch_size=5000"], "trainer.batch_size=5000", "training set", id="trainer-batch-size-too-big"),
+    case(RUN, ["trainer.iterations=many"], "trainer.iterations='many' must be of type int", id="trainer-iterations-str"),
+    case(RUN, ["trainer.iterations=[1,2]"], "trainer.iterations=[1, 2] must be of type int", id="trainer-iterations-list"),
+    case(RUN, ["trainer.ema_decay=1.5"], "trainer.ema_decay=1.5 must be in [0, 1)", id="trainer-ema-decay"),
+    case(RUN, ["trainer.use_labels=maybe"], "trainer.use_labels='maybe' must be of type bool", id="trainer-use-labels-str"),
+    case(RUN, ["trainer.loss_type=l3"], "trainer.loss_type='l3'", id="trainer-loss-type"),
+    case(RUN, ["trainer.warmup=-5"], "trainer.warmup=-5 must be >= 0", id="trainer-warmup-negative"),
+    case(RUN, ["trainer.keep_checkpoints=-1"], "trainer.keep_checkpoints=-1 must be >= 0", id="trainer-keep-checkpoints"),
+    case(RUN, ["trainer.skip_nonfinite=-1"], "trainer.skip_nonfinite=-1 must be >= 0", id="trainer-skip-nonfinite"),
+    case(RUN, ["trainer.device=tpu"], "trainer.device='tpu' is not a device", id="trainer-device-unknown"),
+    # cuda:99 exists on no machine: without CUDA it is refused as unavailable, with CUDA as a missing index.
+    case(RUN, ["trainer.device=cuda:99"], "trainer.device='cuda:99'", id="trainer-device-unavailable"),
+    # trainer.resume: a missing file, a file that is not a checkpoint, a run of another model.
+    case(RUN, ["trainer.resume={tmp}/missing.pt"], "trainer.resume={tmp}/missing.pt does not exist",
+         id="resume-missing-path"),  # fmt: skip
+    case(RUN, ["trainer.resume={state_dict}"], "trainer.resume={state_dict} is not a ddpm checkpoint",
+         id="resume-not-a-checkpoint"),  # fmt: skip
+    case(RUN, ["model.base_channels=16"], "model.base_channels=16", "model.base_channels=8",
+         id="resume-with-changed-model"),  # fmt: skip
+    # model: out of range and wrong types (trainer.resume=never: the model's own checks, not the resume check).
+    case(RUN, ["model.base_channels=7"], "model.base_channels=7 must be a positive even number", resume="never",
+         id="model-base-channels-odd"),  # fmt: skip
+    case(RUN, ["model.dropout=1.5"], "model.dropout=1.5 must be in [0, 1)", resume="never", id="model-dropout"),
+    case(RUN, ["model.norm=batch"], "model.norm='batch' is not one of", resume="never", id="model-norm"),
+    case(RUN, ["model.channel_mults=[]"], "model.channel_mults=[] must be a non-empty list", resume="never",
+         id="model-channel-mults-empty"),  # fmt: skip
+    case(RUN, ["model.base_channels=abc"], "model.base_channels='abc'", resume="never", id="model-base-channels-str"),
+    # schedule: out of range and wrong types.
+    case(RUN, ["schedule.num_timesteps=0"], "schedule.num_timesteps=0 must be >= 1", resume="never",
+         id="schedule-num-timesteps-zero"),  # fmt: skip
+    case(RUN, ["schedule.high=2"], "schedule.high=2 must be <= 1", resume="never", id="schedule-high"),
+    case(RUN, ["schedule=cosine", "schedule.max_beta=1.5"], "schedule.max_beta=1.5 must be in (0, 1)",
+         resume="never", id="schedule-cosine-max-beta"),  # fmt: skip
+    case(RUN, ["schedule.num_timesteps=ten"], "schedule.num_timesteps='ten'", resume="never",
+         id="schedule-num-timesteps-str"),  # fmt: skip
+    case(PLOT, ["schedule.low=-0.1"], "schedule.low=-0.1 must be >= 0", id="plot-schedules-low-negative"),
+    # optimizer: out of range and wrong types.
+    case(RUN, ["optimizer.lr=-1"], "optimizer.lr=-1 must be a number >= 0", id="optimizer-lr-negative"),
+    case(RUN, ["optimizer.lr=fast"], "optimizer.lr='fast' must be a number >= 0", id="optimizer-lr-str"),
+    case(RUN, ["optimizer.betas=[0.9]"], "optimizer.betas=[0.9] must be two numbers", id="optimizer-betas-one"),
+    case(RUN, ["optimizer=adamw", "optimizer.weight_decay=-0.1"], "optimizer.weight_decay=-0.1 must be a number",
+         id="optimizer-adamw-weight-decay"),  # fmt: skip
+    # dataset: digits, folder and cifar10.
+    case(RUN, ["dataset.image_size=4"], "dataset.image_size=4 must be >= 8", id="digits-image-size"),
+    case(RUN, ["dataset.image_size=big"], "dataset.image_size='big'", id="digits-image-size-str"),
+    case(RUN, ["dataset=folder"], "dataset.path must be given a value", id="folder-path-missing"),
+    case(RUN, ["dataset=folder", "dataset.path={tmp}/nowhere"], "dataset.path={tmp}/nowhere is not a directory",
+         id="folder-path-nonexistent"),  # fmt: skip
+    case(RUN, ["dataset=folder", "dataset.path={empty_dir}"], "dataset.path={empty_dir} holds no images",
+         id="folder-empty"),  # fmt: skip
+    case(RUN, ["dataset=folder", "dataset.path={notes_dir}"], "dataset.path={notes_dir}", "notes.txt",
+         id="folder-non-image-file"),  # fmt: skip
+    case(RUN, ["dataset=folder", "dataset.path={fake_png_dir}"], "dataset.path={fake_png_dir}", "fake.png",
+         "is not a readable image", id="folder-corrupt-png"),  # fmt: skip
+    case(RUN, ["dataset=cifar10", "paths.data_dir={empty_dir}", "dataset.download=false"],
+         "dataset.root={empty_dir}", "cifar-10-python.tar.gz", id="cifar10-missing-data"),  # fmt: skip
+    # logger: refused before wandb starts (and writes into the run directory).
+    case(RUN, ["logger=wandb", "logger.mode=onlin"], "logger.mode='onlin' is not one of", id="wandb-mode"),
+    # task=sample: checkpoint, labels, settings, and a command line that contradicts the checkpoint.
+    case(SAMPLE, [], "task=sample needs checkpoint=PATH", id="sample-no-checkpoint"),
+    case(SAMPLE, ["checkpoint={tmp}/missing.pt"], "checkpoint={tmp}/missing.pt does not exist",
+         id="sample-checkpoint-missing"),  # fmt: skip
+    case(SAMPLE, ["checkpoint={text_file}"], "checkpoint={text_file} is not a readable checkpoint",
+         id="sample-checkpoint-text-file"),  # fmt: skip
+    case(SAMPLE, ["checkpoint={state_dict}"], "checkpoint={state_dict} is not a ddpm checkpoint",
+         id="sample-checkpoint-plain-state-dict"),  # fmt: skip
+    case(SAMPLE, ["checkpoint={corrupted}"], "checkpoint={corrupted} is corrupted", id="sample-checkpoint-corrupted"),
+    case(SAMPLE, ["checkpoint={other_model}"], "checkpoint={other_model}", "weights are not those of the model",
+         id="sample-checkpoint-of-another-model"),  # fmt: skip
+    case(SAMPLE, ["checkpoint={cond}", "model.base_channels=32"], "model.base_channels=32", "model.base_channels=8",
+         id="sample-model-override-differs"),  # fmt: skip
+    case(SAMPLE, ["checkpoint={uncond}", "sample.labels=[3]"], "sample.labels=[3]", "trained without labels",
+         id="sample-labels-from-unconditional"),  # fmt: skip
+    case(SAMPLE, ["checkpoint={cond}", "sample.labels=[3,12]"], "sample.labels=[3, 12]", "[12] not in 0..9",
+         id="sample-label-out-of-range"),  # fmt: skip
+    case(SAMPLE, ["checkpoint={cond}", "sample.labels=three"], "sample.labels='three'", id="sample-labels-str"),
+    case(SAMPLE, ["checkpoint={cond}", "sample.num_images=0"], "sample.num_images=0 must be an integer >= 1",
+         id="sample-num-images-zero"),  # fmt: skip
+    case(SAMPLE, ["checkpoint={cond}", "sample.batch_size=abc"], "sample.batch_size='abc' must be an integer",
+         id="sample-batch-size-str"),  # fmt: skip
+    case(SAMPLE, ["checkpoint={cond}", "sample.device=tpu"], "sample.device='tpu'", id="sample-device-unknown"),
+]
+SUBPROCESS_CASES = ["trainer-keep-checkpoints", "unknown-key-typo"]
+
+
+def command(base: list[str], overrides: list[str], paths: dict[str, Path]) -> list[str]:
+    """`base` + `overrides`, an override replacing the base's value of the same key; {name} -> paths[name]."""
+    merged = {arg.split("=", 1)[0]: arg for arg in base}
+    merged.update({arg.split("=", 1)[0]: arg for arg in overrides})
+    return [arg.format(**paths) for arg in merged.values()]
+
+
+def run_main_in_process(args: list[str], monkeypatch, capfd) -> tuple[int, str]:
+    """`python main.py ARGS...` in this process: its exit status and everything it printed."""
+    GlobalHydra.instance().clear()
+    monkeypatch.setattr(sys, "argv", ["main.py", *args])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    code = 0
+    try:
+        runpy.run_path(str(PROJECT_ROOT / "main.py"), run_name="__main__")
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+    finally:
+        GlobalHydra.instance().clear()
+    captured = capfd.readouterr()
+    return code, captured.out + captured.err
+
+
+def train_tiny_run(run_dir: Path, *overrides: str) -> Path:
+    """Trains RUN (2 steps: checkpoints/step_0000001.pt, step_0000002.pt, last.pt) into run_dir, in this process."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        GlobalHydra.instance().clear()
+        monkeypatch.setattr(sys, "argv", ["main.py", *RUN, *overrides, f"hydra.run.dir={run_dir}"])
+        runpy.run_path(str(PROJECT_ROOT / "main.py"), run_name="__main__")
+        GlobalHydra.instance().clear()
+    assert (run_dir / "checkpoints" / "last.pt").is_file(), f"the tiny training run in {run_dir} wrote no last.pt"
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """A class-conditional run (the quickstart's use_labels=true) and an unconditional one."""
+    return {
+        "cond_run": train_tiny_run(tmp_path_factory.mktemp("cond_run")),
+        "uncond_run": train_tiny_run(tmp_path_factory.mktemp("uncond_run"), "trainer.use_labels=false"),
+    }
+
+
+@pytest.fixture(scope="module")
+def paths(runs, tmp_path_factory) -> dict[str, Path]:
+    """Every path a case may name: the runs' checkpoints and the bad files and folders."""
+    tmp = tmp_path_factory.mktemp("bad_inputs")
+    cond = runs["cond_run"] / "checkpoints" / "last.pt"
+    state = torch.load(cond, weights_only=True)
+
+    text_file = tmp / "notes.pt"
+    text_file.write_text("not a checkpoint")
+    state_dict = tmp / "weights_only.pt"
+    torch.save(state["model"], state_dict)  # what torch.save(model.state_dict()) writes
+    corrupted = tmp / "corrupted.pt"
+    corrupted.write_bytes(cond.read_bytes())
+    data = bytearray(corrupted.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the tensor data
+    corrupted.write_bytes(bytes(data))
+    other_model = tmp / "other_model.pt"  # a config of one model with the weights of another
+    config = {**state["config"], "model": {**state["config"]["model"], "base_channels": 16}}
+    torch.save({**state, "config": config, "sha256": None}, other_model)
+
+    empty_dir = tmp / "empty"
+    empty_dir.mkdir()
+    notes_dir = tmp / "with_notes"
+    notes_dir.mkdir()
+    (notes_dir / "notes.txt").write_text("a note, not an image")
+    fake_png_dir = tmp / "with_fake_png"
+    fake_png_dir.mkdir()
+    (fake_png_dir / "fake.png").write_text("text in a file named .png")
+
+    return {
+        "tmp": tmp, "cond": cond, "uncond": runs["uncond_run"] / "checkpoints" / "last.pt",
+        "text_file": text_file, "state_dict": state_dict, "corrupted": corrupted, "other_model": other_model,
+        "empty_dir": empty_dir, "notes_dir": notes_dir, "fake_png_dir": fake_png_dir,
+    }  # fmt: skip
+
+
+def checkpoint_files(runs: dict[str, Path]) -> dict[str, tuple[str, int]]:
+    """SHA-256 and mtime of every file in the runs' checkpoints/ folders."""
+    return {
+        str(path): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+        for run_dir in runs.values()
+        for path in sorted((run_dir / "checkpoints").iterdir())
+    }
+
+
+@pytest.mark.parametrize("base, overrides, expected", CASES)
+def test_bad_input_is_refused_with_a_message_naming_key_and_value(base, overrides, expected, runs, paths,
+                                                                   monkeypatch, capfd):  # fmt: skip
+    run_dir = runs["cond_run"] if base is RUN else paths["tmp"] / "run"
+    args = [*command(base, overrides, paths), f"hydra.run.dir={run_dir}"]
+    before = checkpoint_files(runs)
+
+    code, output = run_main_in_process(args, monkeypatch, capfd)
+
+    shown = f"python main.py {' '.join(args)}\n--- exit status {code}, output:\n{output}"
+    assert code == 1, f"expected exit status 1:\n{shown}"
+    for text in expected:
+        text = text.format(**paths)
+        assert text in output, f"expected {text!r} in the output:\n{shown}"
+    assert "Traceback" not in output, f"an expected error showed a traceback:\n{shown}"
+    assert checkpoint_files(runs) == before, f"the existing checkpoints were changed:\n{shown}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case_id", SUBPROCESS_CASES)
+def test_bad_input_in_a_real_process_shows_no_traceback(case_id, runs, paths):
+    [(base, overrides, expected)] = [c.values for c in CASES if c.id == case_id]
+    args = [*command(base, overrides, paths), f"hydra.run.dir={runs['cond_run']}"]
+    before = checkpoint_files(runs)
+    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "main.py"), *args], capture_output=True, text=True,
+                            env=env, timeout=120)  # fmt: skip
+    output = result.stdout + result.stderr
+    shown = f"python main.py {' '.join(args)}\n--- exit status {result.returncode}, output:\n{output}"
+    assert result.returncode == 1, shown
+    assert all(text.format(**paths) in output for text in expected), shown
+    assert "Traceback" not in output, shown
+    assert checkpoint_files(runs) == before, shown
