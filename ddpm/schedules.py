@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from ddpm.checks import config_types
 from ddpm.errors import ConfigError
 
 
@@ -31,6 +32,7 @@ def _scaled(num_timesteps: int, low: float, high: float) -> tuple[float, float]:
     return low * 1000 / num_timesteps, high * 1000 / num_timesteps
 
 
+@config_types("schedule")
 def linear_betas(num_timesteps: int = 1000, low: float = 1e-4, high: float = 0.02) -> torch.Tensor:
     """Linear betas from low to high (Ho et al. 2020, Sec. 4)."""
     _check_range(num_timesteps, low, high)
@@ -38,6 +40,7 @@ def linear_betas(num_timesteps: int = 1000, low: float = 1e-4, high: float = 0.0
     return torch.linspace(start, end, num_timesteps, dtype=torch.float64)
 
 
+@config_types("schedule")
 def cosine_betas(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
     """Betas of alpha_bar(t) = cos((t/T + s) / (1 + s) * pi/2)^2 (Nichol & Dhariwal 2021, Eq. 17)."""
     if num_timesteps < 1:
@@ -53,6 +56,7 @@ def cosine_betas(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 
     return betas.clamp(max=max_beta)
 
 
+@config_types("schedule")
 def dns_betas(
     num_timesteps: int = 1000, low: float = 1e-4, high: float = 0.02, offset: float = 5
 ) -> torch.Tensor:
@@ -67,6 +71,7 @@ def dns_betas(
     return start + (end - start) * ((i + offset) / (num_timesteps + 1 + offset)) ** 2
 
 
+@config_types("schedule")
 def dnst_betas(num_timesteps: int = 1000, low: float = 1e-4, high: float = 0.02) -> torch.Tensor:
     """The dynamic noise schedule with offset = T: a gentler quadratic rise."""
     return dns_betas(num_timesteps, low, high, offset=num_timesteps)

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ddpm.checkpoint import periodic_name, prune_periodic, save_checkpoint
+from ddpm.checks import describe, matches
 from ddpm.data.loader import TrainingBatches
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import ConfigError, NonFiniteError
@@ -56,9 +57,8 @@ class TrainSettings:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            expected = (int, float) if field.type is float else field.type
-            if not isinstance(value, expected) or (field.type is not bool and isinstance(value, bool)):
-                raise ConfigError(f"trainer.{field.name}={value!r} must be of type {field.type.__name__}")
+            if not matches(value, field.type):
+                raise ConfigError(f"trainer.{field.name}={value!r} must be of type {describe(field.type)}")
         positive = ("iterations", "batch_size", "ema_update_rate", "grid_columns")
         for name in positive:
             if getattr(self, name) < 1:
@@ -68,6 +68,8 @@ class TrainSettings:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 0 (0 turns it off)")
+        if self.loss_type not in ("l1", "l2"):
+            raise ConfigError(f"trainer.loss_type={self.loss_type!r} is not one of ['l1', 'l2']")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"trainer.ema_decay={self.ema_decay} must be in [0, 1)")
         if not self.resume.strip():
@@ -76,16 +78,19 @@ class TrainSettings:
             raise ConfigError("trainer.early_stop_loss_change > 0 compares logged losses: set trainer.log_rate > 0")
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when present, else CPU; anything else must name an available device."""
+def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
+    """'auto' -> CUDA when present, else CPU; anything else must name an available device. `key` is the
+    config key that holds `name`, for the error messages."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise ConfigError(f"trainer.device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from error
+        raise ConfigError(f"{key}={name!r} is not a device: use auto, cpu, cuda or cuda:N") from error
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name!r}, but CUDA is not available here: use auto or cpu")
+        raise ConfigError(f"{key}={name!r}, but CUDA is not available here: use auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"{key}={name!r}, but only {torch.cuda.device_count()} GPU(s) are visible here")
     return device
 
 

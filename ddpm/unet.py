@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ddpm.checks import config_types
 from ddpm.errors import ConfigError
 
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "mish": nn.Mish}
@@ -131,6 +132,7 @@ class Level(nn.Module):
 class UNet(nn.Module):
     """The DDPM UNet. `attention_resolutions` holds indices into `channel_mults` (1 = 16x16 for 32x32 input)."""
 
+    @config_types("model")
     def __init__(
         self,
         in_channels: int = 3,

@@ -11,6 +11,15 @@ from omegaconf import DictConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_ROOT / "conf"
+# The quickstart experiment (digits, CPU) shrunk to a 46k-parameter UNet: end-to-end runs in seconds.
+TINY_QUICKSTART = [
+    "experiment=quickstart",
+    "logger=none",
+    "model.base_channels=8",
+    "model.channel_mults=[1,2]",
+    "model.attention_resolutions=[1]",
+    "model.num_groups=4",
+]
 os.environ.setdefault("DDPM_PROJECT_ROOT", str(PROJECT_ROOT))
 os.environ.setdefault("WANDB_SILENT", "true")
 
@@ -31,9 +40,16 @@ def compose_cfg():
     return compose_config
 
 
+def user_environment() -> dict[str, str]:
+    """The environment of a user's shell: without the wandb service an in-process test may have started (a
+    subprocess would otherwise attach to it and share its runs) and without HYDRA_FULL_ERROR."""
+    hidden = ("WANDB_SERVICE", "HYDRA_FULL_ERROR")
+    return {**{k: v for k, v in os.environ.items() if k not in hidden}, "WANDB_SILENT": "true"}
+
+
 def run_main(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python main.py ARGS...` in a subprocess, as a user runs it; raises with its output if it fails."""
-    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    env = user_environment()
     result = subprocess.run([sys.executable, str(PROJECT_ROOT / "main.py"), *args], capture_output=True,
                             text=True, env=env, timeout=timeout)  # fmt: skip
     if check and result.returncode != 0:

@@ -9,8 +9,9 @@ finds its checkpoints; a case that slipped through validation would train there 
 Two cases are also run as a real `python main.py` subprocess (marked slow), as a user would see them.
 """
 
+import contextlib
 import hashlib
-import os
+import logging
 import runpy
 import subprocess
 import sys
@@ -19,17 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
+from PIL import Image
 
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, TINY_QUICKSTART, user_environment
 
 # The runs the cases work against: a tiny version of experiment=quickstart (digits, CPU), 2 steps.
 RUN = [
-    "experiment=quickstart",
-    "logger=none",
-    "model.base_channels=8",
-    "model.channel_mults=[1,2]",
-    "model.attention_resolutions=[1]",
-    "model.num_groups=4",
+    *TINY_QUICKSTART,
     "schedule.num_timesteps=50",
     "trainer.iterations=2",
     "trainer.batch_size=4",
@@ -59,21 +56,17 @@ CASES = [
     case(RUN, ["dataset=imagenet"], "dataset/imagenet", id="unknown-dataset"),
     case(RUN, ["optimizer=sgd"], "optimizer/sgd", id="unknown-optimizer"),
     case(RUN, ["sampler=ddim"], "sampler/ddim", id="unknown-sampler"),
-    case(RUN, ["diffusion=vp"], "diffusion/vp", id="unknown-diffusion"),
     case(RUN, ["task=evaluate"], "task/evaluate", id="unknown-task"),
     case(RUN, ["logger=tensorboard"], "logger/tensorboard", id="unknown-logger"),
     case(RUN, ["experiment=cifar100"], "experiment/cifar100", id="unknown-experiment"),
     case(RUN, ["trainer.iteratons=3"], "trainer.iteratons", "iteratons=3", id="unknown-key-typo"),
     # trainer: out of range and wrong types.
     case(RUN, ["trainer.iterations=0"], "trainer.iterations=0 must be >= 1", id="trainer-iterations-zero"),
-    case(RUN, ["trainer.batch_size=-3"], "trainer.batch_size=-3", id="trainer-batch-size-negative"),
     case(RUN, ["trainer.batch_size=5000"], "trainer.batch_size=5000", "training set", id="trainer-batch-size-too-big"),
     case(RUN, ["trainer.iterations=many"], "trainer.iterations='many' must be of type int", id="trainer-iterations-str"),
     case(RUN, ["trainer.iterations=[1,2]"], "trainer.iterations=[1, 2] must be of type int", id="trainer-iterations-list"),
     case(RUN, ["trainer.ema_decay=1.5"], "trainer.ema_decay=1.5 must be in [0, 1)", id="trainer-ema-decay"),
-    case(RUN, ["trainer.use_labels=maybe"], "trainer.use_labels='maybe' must be of type bool", id="trainer-use-labels-str"),
     case(RUN, ["trainer.loss_type=l3"], "trainer.loss_type='l3'", id="trainer-loss-type"),
-    case(RUN, ["trainer.warmup=-5"], "trainer.warmup=-5 must be >= 0", id="trainer-warmup-negative"),
     case(RUN, ["trainer.keep_checkpoints=-1"], "trainer.keep_checkpoints=-1 must be >= 0", id="trainer-keep-checkpoints"),
     case(RUN, ["trainer.skip_nonfinite=-1"], "trainer.skip_nonfinite=-1 must be >= 0", id="trainer-skip-nonfinite"),
     case(RUN, ["trainer.device=tpu"], "trainer.device='tpu' is not a device", id="trainer-device-unknown"),
@@ -95,9 +88,8 @@ CASES = [
          id="model-channel-mults-empty"),  # fmt: skip
     case(RUN, ["model.base_channels=abc"], "model.base_channels='abc'", resume="never", id="model-base-channels-str"),
     # schedule: out of range and wrong types.
-    case(RUN, ["schedule.num_timesteps=0"], "schedule.num_timesteps=0 must be >= 1", resume="never",
+    case(RUN, ["schedule.num_timesteps=0"], "schedule.num_timesteps=0", ">= 1", resume="never",
          id="schedule-num-timesteps-zero"),  # fmt: skip
-    case(RUN, ["schedule.high=2"], "schedule.high=2 must be <= 1", resume="never", id="schedule-high"),
     case(RUN, ["schedule=cosine", "schedule.max_beta=1.5"], "schedule.max_beta=1.5 must be in (0, 1)",
          resume="never", id="schedule-cosine-max-beta"),  # fmt: skip
     case(RUN, ["schedule.num_timesteps=ten"], "schedule.num_timesteps='ten'", resume="never",
@@ -123,7 +115,7 @@ CASES = [
          "is not a readable image", id="folder-corrupt-png"),  # fmt: skip
     case(RUN, ["dataset=cifar10", "paths.data_dir={empty_dir}", "dataset.download=false"],
          "dataset.root={empty_dir}", "cifar-10-python.tar.gz", id="cifar10-missing-data"),  # fmt: skip
-    # logger: refused before wandb starts (and writes into the run directory).
+    # logger: refused before wandb starts (the test checks that no wandb/ folder appears).
     case(RUN, ["logger=wandb", "logger.mode=onlin"], "logger.mode='onlin' is not one of", id="wandb-mode"),
     # task=sample: checkpoint, labels, settings, and a command line that contradicts the checkpoint.
     case(SAMPLE, [], "task=sample needs checkpoint=PATH", id="sample-no-checkpoint"),
@@ -149,7 +141,7 @@ CASES = [
          id="sample-batch-size-str"),  # fmt: skip
     case(SAMPLE, ["checkpoint={cond}", "sample.device=tpu"], "sample.device='tpu'", id="sample-device-unknown"),
 ]
-SUBPROCESS_CASES = ["trainer-keep-checkpoints", "unknown-key-typo"]
+SUBPROCESS_CASES = ["trainer-keep-checkpoints", "unknown-key-typo"]  # a ddpm error and one of Hydra's own
 
 
 def command(base: list[str], overrides: list[str], paths: dict[str, Path]) -> list[str]:
@@ -159,29 +151,42 @@ def command(base: list[str], overrides: list[str], paths: dict[str, Path]) -> li
     return [arg.format(**paths) for arg in merged.values()]
 
 
-def run_main_in_process(args: list[str], monkeypatch, capfd) -> tuple[int, str]:
-    """`python main.py ARGS...` in this process: its exit status and everything it printed."""
+@contextlib.contextmanager
+def main_py(args: list[str]):
+    """Runs `python main.py ARGS...` in this process (without HYDRA_FULL_ERROR, as users run it), then undoes
+    what Hydra changed process-wide: its global state and the root logger's handlers."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     GlobalHydra.instance().clear()
-    monkeypatch.setattr(sys, "argv", ["main.py", *args])
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(sys, "argv", ["main.py", *args])
+        monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+        try:
+            yield lambda: runpy.run_path(str(PROJECT_ROOT / "main.py"), run_name="__main__")
+        finally:
+            GlobalHydra.instance().clear()
+            for handler in set(root.handlers) - set(handlers):
+                handler.close()
+            root.handlers[:] = handlers
+            root.setLevel(level)
+
+
+def run_main_in_process(args: list[str], capfd) -> tuple[int, str]:
+    """`python main.py ARGS...` in this process: its exit status and everything it printed."""
     code = 0
-    try:
-        runpy.run_path(str(PROJECT_ROOT / "main.py"), run_name="__main__")
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else 1
-    finally:
-        GlobalHydra.instance().clear()
+    with main_py(args) as run:
+        try:
+            run()
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
     captured = capfd.readouterr()
     return code, captured.out + captured.err
 
 
 def train_tiny_run(run_dir: Path, *overrides: str) -> Path:
     """Trains RUN (2 steps: checkpoints/step_0000001.pt, step_0000002.pt, last.pt) into run_dir, in this process."""
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        GlobalHydra.instance().clear()
-        monkeypatch.setattr(sys, "argv", ["main.py", *RUN, *overrides, f"hydra.run.dir={run_dir}"])
-        runpy.run_path(str(PROJECT_ROOT / "main.py"), run_name="__main__")
-        GlobalHydra.instance().clear()
+    with main_py([*RUN, *overrides, f"hydra.run.dir={run_dir}"]) as run:
+        run()
     assert (run_dir / "checkpoints" / "last.pt").is_file(), f"the tiny training run in {run_dir} wrote no last.pt"
     return run_dir
 
@@ -217,11 +222,12 @@ def paths(runs, tmp_path_factory) -> dict[str, Path]:
 
     empty_dir = tmp / "empty"
     empty_dir.mkdir()
-    notes_dir = tmp / "with_notes"
-    notes_dir.mkdir()
+    notes_dir, fake_png_dir = tmp / "with_notes", tmp / "with_fake_png"  # good images, and one bad file
+    for folder in (notes_dir, fake_png_dir):
+        folder.mkdir()
+        for index in range(2):
+            Image.new("RGB", (16, 16), color=(index * 100, 50, 0)).save(folder / f"{index}.png")
     (notes_dir / "notes.txt").write_text("a note, not an image")
-    fake_png_dir = tmp / "with_fake_png"
-    fake_png_dir.mkdir()
     (fake_png_dir / "fake.png").write_text("text in a file named .png")
 
     return {
@@ -241,13 +247,14 @@ def checkpoint_files(runs: dict[str, Path]) -> dict[str, tuple[str, int]]:
 
 
 @pytest.mark.parametrize("base, overrides, expected", CASES)
-def test_bad_input_is_refused_with_a_message_naming_key_and_value(base, overrides, expected, runs, paths,
-                                                                   monkeypatch, capfd):  # fmt: skip
+def test_bad_input_is_refused_with_a_message_naming_key_and_value(base, overrides, expected, runs, paths, capfd):
+    # A training command runs in the directory of the conditional run, where trainer.resume=auto finds its
+    # checkpoints; sampling and plotting commands run in a directory of their own.
     run_dir = runs["cond_run"] if base is RUN else paths["tmp"] / "run"
     args = [*command(base, overrides, paths), f"hydra.run.dir={run_dir}"]
     before = checkpoint_files(runs)
 
-    code, output = run_main_in_process(args, monkeypatch, capfd)
+    code, output = run_main_in_process(args, capfd)
 
     shown = f"python main.py {' '.join(args)}\n--- exit status {code}, output:\n{output}"
     assert code == 1, f"expected exit status 1:\n{shown}"
@@ -256,6 +263,7 @@ def test_bad_input_is_refused_with_a_message_naming_key_and_value(base, override
         assert text in output, f"expected {text!r} in the output:\n{shown}"
     assert "Traceback" not in output, f"an expected error showed a traceback:\n{shown}"
     assert checkpoint_files(runs) == before, f"the existing checkpoints were changed:\n{shown}"
+    assert not (run_dir / "wandb").exists(), f"wandb was started:\n{shown}"
 
 
 @pytest.mark.slow
@@ -264,7 +272,7 @@ def test_bad_input_in_a_real_process_shows_no_traceback(case_id, runs, paths):
     [(base, overrides, expected)] = [c.values for c in CASES if c.id == case_id]
     args = [*command(base, overrides, paths), f"hydra.run.dir={runs['cond_run']}"]
     before = checkpoint_files(runs)
-    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    env = user_environment()
     result = subprocess.run([sys.executable, str(PROJECT_ROOT / "main.py"), *args], capture_output=True, text=True,
                             env=env, timeout=120)  # fmt: skip
     output = result.stdout + result.stderr

@@ -12,7 +12,7 @@ from collections import namedtuple
 import pytest
 import torch
 
-from conftest import PROJECT_ROOT, run_main
+from conftest import PROJECT_ROOT, TINY_QUICKSTART, run_main, user_environment
 from ddpm.errors import StorageError
 from ddpm.preflight import MB, check_storage, estimated_checkpoint_bytes
 
@@ -60,8 +60,7 @@ def test_the_estimate_counts_weights_ema_and_two_optimizer_moments():
     assert estimated_checkpoint_bytes(model, with_ema=False) == 3 * 4 * 1_001_000 + MB
 
 
-TINY = ["experiment=quickstart", "logger=none", "model.base_channels=8", "model.channel_mults=[1,2]",
-        "model.attention_resolutions=[1]", "model.num_groups=4", "trainer.iterations=4"]  # fmt: skip
+TINY = [*TINY_QUICKSTART, "trainer.iterations=4"]
 
 
 @pytest.mark.slow
@@ -82,7 +81,7 @@ def test_main_stops_before_the_first_step_when_the_run_directory_cannot_hold_a_c
         """
     )
     result = subprocess.run([sys.executable, "-c", full_disk, *TINY, f"hydra.run.dir={tmp_path / 'full'}"],
-                            capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300)  # fmt: skip
+                            capture_output=True, text=True, cwd=PROJECT_ROOT, env=user_environment(), timeout=300)  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 1 and "has 0 MB free" in output and "Traceback" not in output
     assert not (tmp_path / "full" / "metrics.jsonl").exists() and not list((tmp_path / "full").glob("checkpoints/*"))

@@ -5,7 +5,6 @@ Each scenario runs `python main.py` in subprocesses (tiny model with dropout, di
 """
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PROJECT_ROOT, run_main
+from conftest import PROJECT_ROOT, TINY_QUICKSTART, run_main, user_environment
 from ddpm.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -25,12 +24,7 @@ pytestmark = pytest.mark.slow
 ITERATIONS = 120
 CHECKPOINT_RATE = 12  # not a multiple of the log rate: a resume starts in the middle of a log interval
 TINY = [
-    "experiment=quickstart",
-    "logger=none",
-    "model.base_channels=8",
-    "model.channel_mults=[1,2]",
-    "model.attention_resolutions=[1]",
-    "model.num_groups=4",
+    *TINY_QUICKSTART,
     "model.dropout=0.1",  # draws from the global random stream at every step
     "schedule.num_timesteps=100",
     f"trainer.iterations={ITERATIONS}",
@@ -46,7 +40,7 @@ NOT_COMPARED = {"images_per_s", "wall_time_s"}
 
 
 def start_main(*args: str, runner: str | None = None) -> subprocess.Popen:
-    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    env = user_environment()
     command = [sys.executable, "-c", runner, *args] if runner else [sys.executable, str(PROJECT_ROOT / "main.py"), *args]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             cwd=PROJECT_ROOT)  # fmt: skip

@@ -6,11 +6,13 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 
 from ddpm.data.transforms import to_model_range
+from ddpm.checks import config_types
 from ddpm.errors import ConfigError, DatasetNotFoundError
 
 ARCHIVE = "cifar-10-python.tar.gz"
 
 
+@config_types("dataset")
 def cifar10(
     root: str,
     split: str = "train",

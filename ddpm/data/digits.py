@@ -5,9 +5,11 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch.utils.data import Dataset, TensorDataset
 
+from ddpm.checks import config_types
 from ddpm.errors import ConfigError
 
 
+@config_types("dataset")
 def digits(
     split: str = "train",
     image_size: int = 16,

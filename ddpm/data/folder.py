@@ -7,6 +7,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ddpm.data.transforms import to_model_range
+from ddpm.checks import config_types
 from ddpm.errors import ConfigError, DatasetNotFoundError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -64,6 +65,7 @@ def _check_image(path: Path, root: Path) -> None:
         raise ConfigError(f"{path} in dataset.path={root} is not a readable image: {error}") from error
 
 
+@config_types("dataset")
 def folder(
     path: str,
     split: str = "train",

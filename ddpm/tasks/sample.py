@@ -80,7 +80,7 @@ def run(cfg: DictConfig) -> dict:
     settings = cfg.sample
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     out_dir = Path(to_absolute_path(settings.out_dir)) if settings.out_dir else run_dir / "samples"
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.device, key="sample.device")
 
     diffusion, state = load_diffusion(to_absolute_path(cfg.checkpoint), device)
     check_overrides_match(cfg, state["config"], cfg.checkpoint)

@@ -56,7 +56,6 @@ def run(cfg: DictConfig) -> dict:
     for leftover in remove_temporaries(checkpoint_dir):
         log.info("removed %s, left by a checkpoint write that was interrupted", leftover.name)
 
-    OmegaConf.save(config, run_dir / "config.yaml")
     num_parameters = sum(p.numel() for p in diffusion.model.parameters())
     log.info("model: %.2fM parameters; %d training images; device %s; run dir %s",
              num_parameters / 1e6, len(train_set), device, run_dir)  # fmt: skip
@@ -67,6 +66,7 @@ def run(cfg: DictConfig) -> dict:
         run_dir=run_dir, config=config,
         resume_step=resume["step"] if found else None, resume_state=resume.get("logger") if found else None,
     )  # fmt: skip
+    OmegaConf.save(config, run_dir / "config.yaml")  # only now: a failed start leaves the run's files alone
     try:
         summary = train(
             diffusion, optimizer, batches, settings, device=device, run_dir=run_dir, logger=logger,
