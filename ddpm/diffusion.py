@@ -87,20 +87,42 @@ class GaussianDiffusion(nn.Module):
         log_variance = extract(self.posterior_log_variance_clipped, t, x_t.shape)
         return mean, variance, log_variance
 
+    def training_noise(
+        self, batch: int, device: torch.device | str, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uniform timesteps and Gaussian noise for `batch` training images."""
+        t = torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
+        noise = torch.randn((batch, self.channels, self.image_size, self.image_size), device=device,
+                            generator=generator)  # fmt: skip
+        return t, noise
+
     def losses(
-        self, x0: torch.Tensor, y: torch.Tensor | None = None, *, generator: torch.Generator | None = None
+        self,
+        x0: torch.Tensor,
+        y: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-sample epsilon-prediction loss at uniformly drawn timesteps (Ho et al. 2020, Eq. 14)."""
-        batch = x0.shape[0]
-        t = torch.randint(0, self.num_timesteps, (batch,), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        """Per-sample epsilon-prediction loss at uniformly drawn timesteps (Ho et al. 2020, Eq. 14).
+
+        `t` and `noise` are drawn from `generator` unless given (data-parallel ranks draw them for the whole
+        global batch and each take their share, so the result does not depend on the number of ranks).
+        """
+        if t is None or noise is None:
+            t, noise = self.training_noise(x0.shape[0], x0.device, generator)
+        noise = noise.to(x0.dtype)
         predicted = self.model(self.q_sample(x0, t, noise), t, y)
         per_element = LOSSES[self.loss_type](predicted, noise, reduction="none")
         return per_element.flatten(1).mean(dim=1)
 
-    def forward(self, x0: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x0: torch.Tensor, y: torch.Tensor | None = None, t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """The mean training loss over the batch."""
-        return self.losses(x0, y).mean()
+        return self.losses(x0, y, t=t, noise=noise).mean()
 
     def update_ema(self) -> None:
         """Advances the EMA of the network's weights by one training step (no-op without an EMA)."""

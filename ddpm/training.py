@@ -11,15 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ddpm.checkpoint import periodic_name, prune_periodic, save_checkpoint
+from ddpm.checkpoint import content_digest, periodic_name, prune_periodic, save_checkpoint
 from ddpm.checks import describe, matches
 from ddpm.data.loader import TrainingBatches
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import ConfigError, NonFiniteError
 from ddpm.images import save_grid
+from ddpm.distributed import Ranks, any_rank, barrier, gather_to_main, sum_across_ranks
+from ddpm.preemption import StopSignal
 from ddpm.rng import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
@@ -182,15 +185,27 @@ class LoopState:
 
 
 def restore(resume: dict[str, Any], diffusion: GaussianDiffusion, optimizer: torch.optim.Optimizer,
-            batches: TrainingBatches) -> LoopState:  # fmt: skip
-    """Puts weights, EMA, optimizer and data position back from a checkpoint; returns the loop's state.
-    The random streams are restored by the loop itself, right before its first step."""
+            batches: TrainingBatches, ranks: Ranks) -> LoopState:  # fmt: skip
+    """Puts weights, EMA, optimizer and data position back from a checkpoint (on every rank); returns the loop's
+    state. The random streams are restored by the loop itself, right before its first step."""
     diffusion.model.load_state_dict(resume["model"])
     if diffusion.ema is not None and resume.get("ema") is not None:
         diffusion.ema.load_state_dict(resume["ema"])
     optimizer.load_state_dict(resume["optimizer"])
     batches.load_state_dict(resume["data"])
-    return LoopState.from_state_dict(resume["loop"])
+    loop = LoopState.from_state_dict(resume["loop"])
+    if not ranks.is_main:  # the saved running sums are the total over all ranks, kept by rank 0
+        loop.loss_sum = torch.zeros(())
+    return loop
+
+
+def restore_random_streams(rng: dict[str, Any], noise: torch.Generator, ranks: Ranks) -> None:
+    noise.set_state(rng["noise"].cpu())
+    if len(rng["ranks"]) == ranks.world_size:
+        restore_rng_state(rng["ranks"][ranks.rank])
+    else:
+        log.warning("the checkpoint was written by %d ranks and this run has %d: dropout draws start afresh",
+                    len(rng["ranks"]), ranks.world_size)  # fmt: skip
 
 
 def train(
@@ -206,25 +221,45 @@ def train(
     test_loader: DataLoader | None = None,
     resume: dict[str, Any] | None = None,
     resume_path: str | Path | None = None,
+    ranks: Ranks = Ranks(),
 ) -> dict[str, Any]:
     """Runs settings.iterations optimizer steps (or until early stopping) and returns a summary.
 
     With `resume` (the contents of a checkpoint this loop wrote, read from `resume_path`), continues that run
-    where it stopped, bit for bit.
+    where it stopped, bit for bit. With several `ranks`, each rank trains on its share of every global batch;
+    rank 0 alone logs, samples and writes checkpoints (`logger` is only used there).
     """
     model = diffusion.model
     num_classes = model.num_classes if settings.use_labels else None
     base_lrs = [group["lr"] for group in optimizer.param_groups]  # from the config, also when resuming
     checkpoint_dir = run_dir / "checkpoints"
-    loop = restore(resume, diffusion, optimizer, batches) if resume else LoopState()
+    loop = restore(resume, diffusion, optimizer, batches, ranks) if resume else LoopState()
     loop.to(device)
     last_saved = (Path(resume_path), loop.step) if resume else None
+    # Timesteps and noise of the whole global batch, from one stream that every rank draws alike: each rank
+    # takes its share, so the result does not depend on how many ranks share the batch.
+    noise_stream = torch.Generator(device).manual_seed(settings.seed)
+    global_batch = batches.batch_size * ranks.world_size
+    share = slice(ranks.rank * batches.batch_size, (ranks.rank + 1) * batches.batch_size)
+    step_module = (
+        DistributedDataParallel(diffusion, device_ids=[device] if device.type == "cuda" else None)
+        if ranks.distributed
+        else diffusion
+    )  # fmt: skip
+    stop_signal = StopSignal()
 
     def is_periodic(step: int) -> bool:
         return settings.checkpoint_rate > 0 and step % settings.checkpoint_rate == 0
 
     def checkpoint(step: int) -> None:
+        """Every rank takes part (random streams and running sums are gathered); rank 0 writes."""
         nonlocal last_saved
+        per_rank_rng = gather_to_main(capture_rng_state(), ranks)
+        sum_across_ranks(loop.loss_sum, ranks)
+        if not ranks.is_main:
+            loop.loss_sum.zero_()  # rank 0 holds the total now
+            last_saved = (checkpoint_dir / "last.pt", step)
+            return
         state = {
             "model": model.state_dict(),
             "ema": diffusion.ema.state_dict() if diffusion.ema is not None else None,
@@ -233,7 +268,7 @@ def train(
             "config": config,
             "loop": {**loop.state_dict(), "wall_time_s": loop.wall_time_s + time.perf_counter() - started},
             "data": batches.state_dict(),
-            "rng": capture_rng_state(),
+            "rng": {"noise": noise_stream.get_state(), "ranks": per_rank_rng},
             "logger": logger.state_dict(),
         }
         periodic = checkpoint_dir / periodic_name(step)
@@ -263,9 +298,9 @@ def train(
     interval_iterations = 0
     model.train()
     if resume:
-        restore_rng_state(resume["rng"])  # last, after everything that drew random numbers while being built
-    bar = tqdm(total=settings.iterations, initial=loop.step, desc="training", disable=not sys.stderr.isatty(),
-               dynamic_ncols=True)  # fmt: skip
+        restore_random_streams(resume["rng"], noise_stream, ranks)  # last: building the model drew numbers too
+    bar = tqdm(total=settings.iterations, initial=loop.step, desc="training", dynamic_ncols=True,
+               disable=not (sys.stderr.isatty() and ranks.is_main))  # fmt: skip
     try:
         while loop.step < settings.iterations and not loop.stopped_early:
             for group, base_lr in zip(optimizer.param_groups, base_lrs):
@@ -273,15 +308,17 @@ def train(
             x, y = next(batches)
             x = x.to(device, non_blocking=True)
             labels = y.to(device, non_blocking=True) if settings.use_labels else None
+            t, noise = diffusion.training_noise(global_batch, device, noise_stream)
 
-            loss = diffusion(x, labels)
+            loss = step_module(x, labels, t[share], noise[share])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             max_norm = settings.grad_clip if settings.grad_clip > 0 else math.inf  # inf: measure, do not clip
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             loop.step += 1
             interval_iterations += 1
-            # One host sync per step: a non-finite step must be caught before it reaches the weights.
+            # One host sync per step: a non-finite step must be caught before it reaches the weights. The
+            # gradients (so their norm) are the same on every rank, so every rank decides alike.
             if bool(torch.isfinite(loss.detach() + grad_norm)):
                 optimizer.step()
                 diffusion.update_ema()
@@ -298,34 +335,44 @@ def train(
             bar.update()
 
             if settings.log_rate and loop.step % settings.log_rate == 0:
-                metrics = log_interval(loop, optimizer, settings, images=interval_iterations * x.shape[0],
+                metrics = log_interval(loop, optimizer, settings, ranks, images=interval_iterations * global_batch,
                                        seconds=time.perf_counter() - interval_start)  # fmt: skip
-                if test_loader is not None:
-                    metrics["test_loss"] = estimate_test_loss(
-                        diffusion, test_loader, device=device, use_labels=settings.use_labels,
-                        max_batches=settings.test_batches,
-                    )  # fmt: skip
-                logger.log(metrics, loop.step)
-                log.info("step %d/%d  %s", loop.step, settings.iterations,
-                         "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))  # fmt: skip
-                if "train_loss" in metrics:
-                    bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
+                if ranks.is_main:
+                    if test_loader is not None:
+                        metrics["test_loss"] = estimate_test_loss(
+                            diffusion, test_loader, device=device, use_labels=settings.use_labels,
+                            max_batches=settings.test_batches,
+                        )  # fmt: skip
+                    logger.log(metrics, loop.step)
+                    log.info("step %d/%d  %s", loop.step, settings.iterations,
+                             "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))  # fmt: skip
+                    if "train_loss" in metrics:
+                        bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
                 interval_iterations, interval_start = 0, time.perf_counter()
                 if should_stop_early(loop.interval_losses, settings.early_stop_loss_change):
                     log.info("early stop at step %d: the train loss changed by less than %g per interval",
                              loop.step, settings.early_stop_loss_change)  # fmt: skip
                     loop.stopped_early = True
-            if is_periodic(loop.step):
+            stopping = any_rank(stop_signal.requested, ranks, device)
+            if is_periodic(loop.step) or stopping:
                 checkpoint(loop.step)
-            if settings.sample_rate and loop.step % settings.sample_rate == 0:
+            if stopping:
+                barrier(ranks)  # the checkpoint is on disk before anyone requeues
+                stop_signal.hand_over(loop.step)
+            if ranks.is_main and settings.sample_rate and loop.step % settings.sample_rate == 0:
                 grid_path = grid(loop.step, f"step_{loop.step:07d}.png")
     finally:
         bar.close()
+        stop_signal.close()
 
     step = loop.step
     if last_saved != (checkpoint_dir / "last.pt", step):  # else this step's last.pt is on disk already
         checkpoint(step)
-    if settings.sample_at_end:
+    # Data parallelism keeps the replicas equal; say so, from a digest of each rank's weights.
+    weight_digests = gather_to_main(content_digest({"model": model.state_dict()}), ranks)
+    if ranks.is_main and len(set(weight_digests)) > 1:
+        log.warning("the ranks ended with different weights: %s", weight_digests)
+    if ranks.is_main and settings.sample_at_end:
         if grid_path is not None and grid_path.name == f"step_{step:07d}.png":  # this step's grid exists
             grid_path = Path(shutil.copyfile(grid_path, run_dir / "samples" / "final.png"))
         else:
@@ -340,15 +387,19 @@ def train(
         "wall_time_s": loop.wall_time_s + time.perf_counter() - started,
         "sample_grid": str(grid_path) if grid_path else None,
         "checkpoint": str(checkpoint_dir / "last.pt"),
+        "world_size": ranks.world_size,
+        "rank_weight_digests": weight_digests,
     }
 
 
-def log_interval(loop: LoopState, optimizer: torch.optim.Optimizer, settings: TrainSettings, *, images: int,
-                 seconds: float) -> dict[str, float]:  # fmt: skip
-    """The metrics of the interval since the last log (one host sync), and a fresh interval in `loop`."""
+def log_interval(loop: LoopState, optimizer: torch.optim.Optimizer, settings: TrainSettings, ranks: Ranks, *,
+                 images: int, seconds: float) -> dict[str, float]:  # fmt: skip
+    """The metrics of the interval since the last log (one host sync; one all-reduce across ranks), and a fresh
+    interval in `loop`. Every rank gets the same numbers."""
     metrics: dict[str, float] = {}
+    loss_sum = sum_across_ranks(loop.loss_sum.clone(), ranks)
     if loop.good_steps:
-        metrics["train_loss"] = loop.loss_sum.item() / loop.good_steps
+        metrics["train_loss"] = loss_sum.item() / (loop.good_steps * ranks.world_size)
         metrics["grad_norm"] = loop.grad_norm_sum.item() / loop.good_steps
         loop.interval_losses.append(metrics["train_loss"])
     metrics["lr"] = optimizer.param_groups[0]["lr"]

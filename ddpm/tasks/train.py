@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -11,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddpm.build import build_diffusion, build_optimizer
 from ddpm.checkpoint import remove_temporaries
 from ddpm.data.loader import TrainingBatches, evaluation_batches
+from ddpm.distributed import Ranks, init_distributed, local_batch_size, rank_device, shutdown
 from ddpm.preflight import check_storage, estimated_checkpoint_bytes
 from ddpm.resume import check_resumable, find_resume_checkpoint
 from ddpm.rng import seed_everything
@@ -20,17 +22,29 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict:
-    """YAML -> settings -> data -> checkpoint to resume -> diffusion -> optimizer -> preflight -> logger -> loop.
+    """YAML -> settings -> ranks -> data -> checkpoint to resume -> diffusion -> optimizer -> preflight -> logger
+    -> loop.
 
     Everything that can be wrong with the config, the data, the checkpoint or the disk is found before the
-    first step, and nothing in the run directory is written before that.
+    first step, and nothing in the run directory is written before that. With several ranks (torchrun, or a
+    SLURM job with several tasks) every rank runs this; rank 0 alone writes.
     """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     checkpoint_dir = run_dir / "checkpoints"
     config = OmegaConf.to_container(cfg, resolve=True)
 
     settings: TrainSettings = instantiate(cfg.trainer)
-    device = resolve_device(settings.device)
+    ranks = init_distributed(resolve_device(settings.device))
+    try:
+        return train_as_rank(cfg, settings, ranks, run_dir, checkpoint_dir, config)
+    finally:
+        shutdown(ranks)
+
+
+def train_as_rank(cfg: DictConfig, settings: TrainSettings, ranks: Ranks, run_dir: Path, checkpoint_dir: Path,
+                  config: dict) -> dict:  # fmt: skip
+    device = rank_device(resolve_device(settings.device), ranks)
+    batch_size = local_batch_size(settings.batch_size, ranks)
     use_deterministic_kernels(settings.deterministic)
     train_set = instantiate(cfg.dataset, split="train")
     test_set = instantiate(cfg.dataset, split="test")
@@ -41,24 +55,29 @@ def run(cfg: DictConfig) -> dict:
     if found:
         check_resumable(resume_path, resume, config)
 
-    seed_everything(settings.seed)
+    seed_everything(settings.seed)  # the same initial weights on every rank
     diffusion = build_diffusion(cfg).to(device)
     optimizer = build_optimizer(cfg, diffusion.model.parameters())
-    batches = TrainingBatches(train_set, settings.batch_size, seed=settings.seed, num_workers=settings.num_workers,
-                              pin_memory=device.type == "cuda")  # fmt: skip
+    if ranks.rank:
+        seed_everything(settings.seed + ranks.rank)  # but each rank its own dropout draws
+    batches = TrainingBatches(train_set, batch_size, seed=settings.seed, num_workers=settings.num_workers,
+                              pin_memory=device.type == "cuda", rank=ranks.rank, world_size=ranks.world_size)  # fmt: skip
     test_loader = (
         evaluation_batches(test_set, settings.batch_size, num_workers=settings.num_workers)
         if test_set is not None
         else None
     )
+    if not ranks.is_main:
+        return train(diffusion, optimizer, batches, settings, device=device, run_dir=run_dir, logger=None,
+                     config=config, resume=resume, resume_path=resume_path, ranks=ranks)  # fmt: skip
     check_storage(checkpoint_dir, estimated_checkpoint_bytes(diffusion.model, diffusion.ema is not None),
                   settings.keep_checkpoints)  # fmt: skip
     for leftover in remove_temporaries(checkpoint_dir):
         log.info("removed %s, left by a checkpoint write that was interrupted", leftover.name)
 
     num_parameters = sum(p.numel() for p in diffusion.model.parameters())
-    log.info("model: %.2fM parameters; %d training images; device %s; run dir %s",
-             num_parameters / 1e6, len(train_set), device, run_dir)  # fmt: skip
+    log.info("model: %.2fM parameters; %d training images; device %s x %d ranks; run dir %s",
+             num_parameters / 1e6, len(train_set), device, ranks.world_size, run_dir)  # fmt: skip
     if found:
         log.info("resuming from %s at step %d (trainer.resume=%s)", resume_path, resume["step"], settings.resume)
 
@@ -70,10 +89,13 @@ def run(cfg: DictConfig) -> dict:
     try:
         summary = train(
             diffusion, optimizer, batches, settings, device=device, run_dir=run_dir, logger=logger,
-            config=config, test_loader=test_loader, resume=resume, resume_path=resume_path,
+            config=config, test_loader=test_loader, resume=resume, resume_path=resume_path, ranks=ranks,
         )  # fmt: skip
     finally:
         logger.finish()
+    summary["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")
+    summary["slurm_array_job_id"] = os.environ.get("SLURM_ARRAY_JOB_ID")
+    summary["slurm_restart_count"] = int(os.environ.get("SLURM_RESTART_COUNT", 0))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("done: %d steps in %.0f s; checkpoint %s; samples %s",
              summary["steps"], summary["wall_time_s"], summary["checkpoint"], summary["sample_grid"])  # fmt: skip
