@@ -1,0 +1,145 @@
+"""Sweeps, data-parallel jobs, preemption and time limits against a real SLURM cluster, through
+`hydra/launcher=slurm` (hydra-submitit-launcher), as a user runs them.
+
+The cluster is the local one of tests/slurm/cluster-up.sh, which .ci/run starts. Without a cluster these tests
+are skipped, except under CI (CI=true), where a missing cluster is a failure.
+"""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import PROJECT_ROOT, TINY_QUICKSTART, run_main, user_environment
+from ddpm.checkpoint import load_checkpoint
+
+
+def cluster_problem() -> str | None:
+    """Why the tests cannot use a SLURM cluster here, or None when they can."""
+    if shutil.which("sbatch") is None:
+        return "no SLURM client (sbatch) on PATH: start one with tests/slurm/cluster-up.sh"
+    result = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    if result.returncode != 0 or not {"idle", "mix", "alloc"} & set(result.stdout.split()):
+        return f"no usable SLURM node (sinfo: {result.stdout.strip() or result.stderr.strip()})"
+    return None
+
+
+PROBLEM = cluster_problem()
+if PROBLEM and os.environ.get("CI"):
+    raise RuntimeError(f"CI needs the local SLURM cluster: {PROBLEM}")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(PROBLEM is not None, reason=PROBLEM or "")]
+
+SLURM = ["-m", "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=30"]
+TRAIN = [*TINY_QUICKSTART, "schedule.num_timesteps=50", "trainer.batch_size=16", "trainer.test_batches=1",
+         "trainer.sample_at_end=false"]  # fmt: skip
+
+
+def job_summary(sweep: Path, job: int = 0) -> dict:
+    return json.loads((sweep / str(job) / "summary.json").read_text())
+
+
+def test_a_sweep_runs_as_a_job_array_and_is_summarized(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_main(*SLURM, *TRAIN, "schedule=linear,cosine,dns", "trainer.iterations=4", "trainer.log_rate=2",
+             "trainer.checkpoint_rate=2", f"hydra.sweep.dir={sweep}")  # fmt: skip
+    summaries = [job_summary(sweep, job) for job in range(3)]
+    assert all(s["steps"] == 4 and s["slurm_job_id"] for s in summaries)
+    assert len({s["slurm_array_job_id"] for s in summaries}) == 1 and summaries[0]["slurm_array_job_id"]
+    assert all((sweep / str(job) / "checkpoints" / "last.pt").is_file() for job in range(3))
+    schedules = [load_checkpoint(sweep / str(j) / "checkpoints" / "last.pt")["config"]["schedule"]["_target_"]
+                 for j in range(3)]  # fmt: skip
+    assert schedules == ["ddpm.schedules.linear_betas", "ddpm.schedules.cosine_betas", "ddpm.schedules.dns_betas"]
+    with open(sweep / "summary.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["status"] for row in rows] == ["done"] * 3
+    assert [row["slurm_job_id"] for row in rows] == [s["slurm_job_id"] for s in summaries]
+
+
+def test_two_ranks_train_like_one_process_with_the_same_global_batch(tmp_path):
+    sweep = tmp_path / "sweep"
+    settings = ["trainer.iterations=8", "trainer.log_rate=4", "trainer.checkpoint_rate=4"]
+    run_main(*SLURM, *TRAIN, *settings, "hydra.launcher.tasks_per_node=2", f"hydra.sweep.dir={sweep}")
+    summary = job_summary(sweep)
+    assert summary["world_size"] == 2
+    assert len(summary["rank_weight_digests"]) == 2 and len(set(summary["rank_weight_digests"])) == 1
+
+    run_main(*TRAIN, *settings, f"hydra.run.dir={tmp_path / 'one'}")
+    two = load_checkpoint(sweep / "0" / "checkpoints" / "last.pt")["model"]
+    one = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")["model"]
+    for name in one:  # the same batches and noise; only the order of the gradient sums differs
+        torch.testing.assert_close(two[name], one[name], rtol=1e-3, atol=1e-3, msg=name)
+
+
+def start_sweep(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(PROJECT_ROOT / "main.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=user_environment())  # fmt: skip
+
+
+def submitted_job_id(sweep: Path, process: subprocess.Popen, timeout: float = 120) -> str:
+    """The SLURM id of the sweep's one job (submitit names a folder after it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        folders = [p.name for p in (sweep / ".submitit").glob("*") if p.is_dir() and p.name[0].isdigit()]
+        if folders:
+            return sorted(folders)[0].split("_")[0]
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.5)
+    raise AssertionError("the sweep submitted no job")
+
+
+def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"the sweep ended before {path} appeared:\n{process.stdout.read()}"
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
+        time.sleep(0.2)
+
+
+def check_resumed_and_complete(sweep: Path, iterations: int) -> None:
+    summary = job_summary(sweep)
+    assert summary["steps"] == iterations
+    assert summary["slurm_restart_count"] >= 1, summary  # requeued: the same job, run again
+    assert summary["resumed_from_step"] and 0 < summary["resumed_from_step"] < iterations, summary
+    logged = [json.loads(line)["step"] for line in (sweep / "0" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == sorted(set(logged)) and logged[-1] == iterations  # continued, not restarted
+
+
+def test_a_preempted_job_checkpoints_is_requeued_and_resumes(tmp_path):
+    sweep = tmp_path / "sweep"
+    iterations = 300
+    process = start_sweep(*SLURM, *TRAIN, f"trainer.iterations={iterations}", "trainer.log_rate=10",
+                          "trainer.checkpoint_rate=20", f"hydra.sweep.dir={sweep}")  # fmt: skip
+    job_id = submitted_job_id(sweep, process)
+    wait_for_file(sweep / "0" / "checkpoints" / "step_0000020.pt", process)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)  # what preemption sends
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    check_resumed_and_complete(sweep, iterations)
+
+
+def test_a_job_at_its_time_limit_checkpoints_is_requeued_and_resumes(tmp_path):
+    sweep = tmp_path / "sweep"
+    iterations = 400
+    # 1 minute jobs, warned 30 s before the limit: each allocation trains for a few seconds and is requeued.
+    run_main(*SLURM, *TRAIN, f"trainer.iterations={iterations}", "trainer.log_rate=10", "trainer.checkpoint_rate=50",
+             "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30", "hydra.launcher.max_num_timeout=8",
+             f"hydra.sweep.dir={sweep}", timeout=900)  # fmt: skip
+    check_resumed_and_complete(sweep, iterations)
+
+
+def test_a_job_killed_outright_fails_the_sweep_instead_of_hanging(tmp_path):
+    sweep = tmp_path / "sweep"
+    process = start_sweep(*SLURM, *TRAIN, "trainer.iterations=100000", f"hydra.sweep.dir={sweep}")
+    job_id = submitted_job_id(sweep, process)
+    wait_for_file(sweep / "0" / "metrics.jsonl", process)
+    subprocess.run(["scancel", "--signal=KILL", "--full", job_id], check=True, timeout=30)
+    output, _ = process.communicate(timeout=180)
+    assert process.returncode != 0
+    assert "UncompletedJobError" in output or "has not produced any output" in output, output
