@@ -26,10 +26,9 @@
 #   DDPM_SLURM_GRACE  seconds to wait for a daemon after SIGTERM (default 30)
 set -euo pipefail
 
-STATE_DIR=${DDPM_SLURM_DIR:-/var/lib/ddpm-slurm}
+# shellcheck source=tests/slurm/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 GRACE_S=${DDPM_SLURM_GRACE:-30}
-PID_DIR=$STATE_DIR/pids
-LOG_DIR=$STATE_DIR/log
 
 T0=$SECONDS
 say() { printf '[cluster-down %3ds] %s\n' "$((SECONDS - T0))" "$*"; }
@@ -40,21 +39,6 @@ if [[ ! -d $PID_DIR ]]; then
     say "nothing to stop ($PID_DIR does not exist)"
     exit 0
 fi
-
-# Same check as cluster-up.sh: the recorded PID is alive and still runs a
-# process of that name (a recycled PID is never signalled).
-alive() {
-    local name=$1 pid comm stat
-    [[ -r $PID_DIR/$name.pid ]] || return 1
-    pid=$(<"$PID_DIR/$name.pid")
-    [[ $pid =~ ^[0-9]+$ ]] || return 1
-    kill -0 "$pid" 2>/dev/null || return 1
-    comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
-    [[ $comm == "${name:0:15}" ]] || return 1
-    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
-    stat=${stat##*) }
-    [[ ${stat%% *} != Z ]]   # an exited daemon not yet reaped by PID 1
-}
 
 # Wait up to $2 seconds for PID $1 to exit.
 wait_exit() {

@@ -39,15 +39,14 @@
 #   DDPM_SLURM_WAIT       seconds to wait for each stage (default 60)
 set -Eeuo pipefail
 
-STATE_DIR=${DDPM_SLURM_DIR:-/var/lib/ddpm-slurm}
+# shellcheck source=tests/slurm/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PARTITION=${DDPM_SLURM_PARTITION:-debug}
 CLUSTER_NAME=${DDPM_SLURM_CLUSTER:-ddpm}
 DB_PORT=${DDPM_SLURM_DB_PORT:-3306}
 WAIT_S=${DDPM_SLURM_WAIT:-60}
 
 CONF_DIR=/etc/slurm
-PID_DIR=$STATE_DIR/pids
-LOG_DIR=$STATE_DIR/log
 RUN_DIR=$STATE_DIR/run
 DB_DIR=$STATE_DIR/mysql
 DB_RUN_DIR=$STATE_DIR/mysql-run
@@ -81,21 +80,6 @@ fail() {
     exit 1
 }
 trap 'fail "command failed at line $LINENO: $BASH_COMMAND"' ERR
-
-# A daemon is ours and alive if its recorded PID exists and still runs a
-# process of that name (guards against a recycled PID).
-alive() {
-    local name=$1 pid comm stat
-    [[ -r $PID_DIR/$name.pid ]] || return 1
-    pid=$(<"$PID_DIR/$name.pid")
-    [[ $pid =~ ^[0-9]+$ ]] || return 1
-    kill -0 "$pid" 2>/dev/null || return 1
-    comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
-    [[ $comm == "${name:0:15}" ]] || return 1
-    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
-    stat=${stat##*) }
-    [[ ${stat%% *} != Z ]]   # an exited daemon not yet reaped by PID 1
-}
 
 # start NAME CMD...: start CMD (which must exec a process called NAME and stay
 # in the foreground) in its own session, record its PID. setsid does not fork

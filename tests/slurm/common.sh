@@ -1,0 +1,24 @@
+# shellcheck shell=bash
+# Shared by cluster-up.sh and cluster-down.sh (sourced, not run): where the cluster's state lives, and how a
+# recorded daemon is recognized.
+
+STATE_DIR=${DDPM_SLURM_DIR:-/var/lib/ddpm-slurm}
+PID_DIR=$STATE_DIR/pids
+# shellcheck disable=SC2034  # used by the scripts that source this file
+LOG_DIR=$STATE_DIR/log
+
+# A daemon is ours and alive if its recorded PID exists and still runs a process of that name (a recycled PID
+# is never mistaken for it, nor signalled).
+alive() {
+    local name=$1 pid comm stat
+    [[ -r $PID_DIR/$name.pid ]] || return 1
+    pid=$(<"$PID_DIR/$name.pid")
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    kill -0 "$pid" 2>/dev/null || return 1
+    comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
+    [[ $comm == "${name:0:15}" ]] || return 1
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [[ ${stat%% *} != Z ]]   # an exited daemon not yet reaped by PID 1
+}
+
