@@ -1,5 +1,6 @@
 """Builds a diffusion model from a composed config, or from a checkpoint (whose config travels inside it)."""
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ from ddpm.errors import CheckpointError, ConfigError
 
 def build_diffusion(cfg: DictConfig) -> GaussianDiffusion:
     """Network -> noise schedule -> EMA copy -> diffusion, from the model, schedule, trainer and diffusion nodes."""
-    model = instantiate(cfg.model)
+    # A null label for classifier-free guidance exists when training drops labels.
+    model = instantiate(cfg.model, null_class=cfg.trainer.get("label_dropout", 0.0) > 0)
     betas = instantiate(cfg.schedule)
     trainer = cfg.trainer
     ema = (
@@ -24,6 +26,16 @@ def build_diffusion(cfg: DictConfig) -> GaussianDiffusion:
         else None
     )
     return instantiate(cfg.diffusion, model=model, betas=betas, ema=ema)
+
+
+def build_sampler(node: DictConfig) -> tuple[Callable[..., torch.Tensor], float]:
+    """The sampler function of a `sampler` config node, and its classifier-free guidance scale (a setting of
+    the noise predictor the sampler calls, not of the sampler itself)."""
+    settings = OmegaConf.to_container(node, resolve=True)
+    guidance_scale = settings.pop("guidance_scale", 0.0)
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+        raise ConfigError(f"sampler.guidance_scale={guidance_scale!r} must be a number >= 0 (0 = no guidance)")
+    return instantiate(settings), float(guidance_scale)
 
 
 def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:

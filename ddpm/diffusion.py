@@ -129,10 +129,31 @@ class GaussianDiffusion(nn.Module):
         if self.ema is not None:
             self.ema.update(self.model)
 
-    def noise_predictor(self, y: torch.Tensor | None = None, *, use_ema: bool = True) -> NoisePredictor:
-        """The function (x_t, t) -> predicted noise that samplers call, with labels y bound."""
+    def noise_predictor(
+        self, y: torch.Tensor | None = None, *, use_ema: bool = True, guidance_scale: float = 0.0
+    ) -> NoisePredictor:
+        """The function (x_t, t) -> predicted noise that samplers call, with labels y bound.
+
+        With guidance_scale w > 0 (classifier-free guidance, Ho & Salimans 2022) it returns
+        (1 + w) eps(x, y) - w eps(x, null), both predictions from one forward pass over a doubled batch.
+        """
         network = self.ema.module if (use_ema and self.ema is not None) else self.model
-        return lambda x, t: network(x, t, y)
+        if not guidance_scale:
+            return lambda x, t: network(x, t, y)
+        null_label = getattr(self.model, "null_label", None)
+        if y is None or null_label is None:
+            raise ConfigError(
+                f"sampler.guidance_scale={guidance_scale} needs a class-conditional model trained with "
+                "trainer.label_dropout > 0 (it learns the unconditional prediction from the dropped labels); "
+                "this one was not"
+            )
+        null = torch.full_like(y, null_label)
+
+        def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            conditional, unconditional = network(x.repeat(2, 1, 1, 1), t.repeat(2), torch.cat([y, null])).chunk(2)
+            return (1 + guidance_scale) * conditional - guidance_scale * unconditional
+
+        return guided
 
     def initial_noise(
         self, num_samples: int, device: torch.device | str, generator: torch.Generator | None = None
@@ -154,22 +175,24 @@ class GaussianDiffusion(nn.Module):
         noise: torch.Tensor | None = None,
         callback: Callable[[dict], None] | None = None,
         progress: bool = False,
+        guidance_scale: float = 0.0,
     ) -> torch.Tensor:
         """Draws `num_samples` images in [-1, 1]; y (shape [num_samples]) picks classes when conditional.
 
         `noise` replaces the starting x_T drawn from `generator`; `sampler` is any function of the
-        signature in `ddpm.samplers`.
+        signature in `ddpm.samplers`; `guidance_scale` > 0 applies classifier-free guidance.
         """
         if noise is None:
             noise = self.initial_noise(num_samples, device, generator)
-        with _eval_mode(self), tqdm(total=self.num_timesteps, desc="sampling", disable=not progress) as bar:
+        steps = getattr(sampler, "keywords", {}).get("steps", self.num_timesteps)  # network calls, for the bar
+        with _eval_mode(self), tqdm(total=steps, desc="sampling", disable=not progress) as bar:
 
             def on_step(state: dict) -> None:
                 bar.update()
                 if callback is not None:
                     callback(state)
 
-            predict_noise = self.noise_predictor(y, use_ema=use_ema)
+            predict_noise = self.noise_predictor(y, use_ema=use_ema, guidance_scale=guidance_scale)
             x = sampler(predict_noise, noise, self.betas, generator=generator, callback=on_step)
         return x.clamp(-1, 1)
 

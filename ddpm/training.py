@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from ddpm.images import save_grid
 from ddpm.distributed import Ranks, any_rank, barrier, gather_to_main, sum_across_ranks
 from ddpm.preemption import StopSignal
 from ddpm.rng import capture_rng_state, restore_rng_state
+from ddpm.samplers import ddpm_ancestral
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class TrainSettings:
     num_workers: int = 4
     grid_columns: int = 10  # sample grids: columns x columns images, or one row of this many per class
     sample_at_end: bool = True
+    label_dropout: float = 0.0  # classifier-free guidance: the share of labels replaced by the null label
     resume: str = "auto"  # auto (continue from <run dir>/checkpoints when there is one) | never | PATH
     keep_checkpoints: int = 5  # periodic checkpoints kept besides last.pt; 0 = all
     skip_nonfinite: int = 0  # steps with a non-finite loss or gradient norm that may be skipped before stopping
@@ -71,6 +74,10 @@ class TrainSettings:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 0 (0 turns it off)")
+        if not 0 <= self.label_dropout < 1:
+            raise ConfigError(f"trainer.label_dropout={self.label_dropout} must be in [0, 1)")
+        if self.label_dropout > 0 and not self.use_labels:
+            raise ConfigError(f"trainer.label_dropout={self.label_dropout} drops class labels: it needs trainer.use_labels=true")
         if self.loss_type not in ("l1", "l2"):
             raise ConfigError(f"trainer.loss_type={self.loss_type!r} is not one of ['l1', 'l2']")
         if not 0 <= self.ema_decay < 1:
@@ -142,8 +149,9 @@ def estimate_test_loss(
 
 
 def sample_grid(
-    diffusion: GaussianDiffusion, *, device: torch.device, columns: int, num_classes: int | None, seed: int = 0
-) -> torch.Tensor:
+    diffusion: GaussianDiffusion, *, device: torch.device, columns: int, num_classes: int | None, seed: int = 0,
+    sampler: Callable[..., torch.Tensor] = ddpm_ancestral, guidance_scale: float = 0.0,
+) -> torch.Tensor:  # fmt: skip
     """Images for a grid: one row per class when conditional, else columns x columns; the same noise each time."""
     if num_classes is not None:
         labels = torch.arange(num_classes, device=device).repeat_interleave(columns)
@@ -151,7 +159,8 @@ def sample_grid(
         labels = None
     count = columns * (num_classes or columns)
     generator = torch.Generator(device).manual_seed(seed)
-    return diffusion.sample(count, device, labels, generator=generator, progress=sys.stderr.isatty())
+    return diffusion.sample(count, device, labels, generator=generator, progress=sys.stderr.isatty(),
+                            sampler=sampler, guidance_scale=guidance_scale)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -222,6 +231,8 @@ def train(
     resume: dict[str, Any] | None = None,
     resume_path: str | Path | None = None,
     ranks: Ranks = Ranks(),
+    sampler: Callable[..., torch.Tensor] = ddpm_ancestral,
+    guidance_scale: float = 0.0,
 ) -> dict[str, Any]:
     """Runs settings.iterations optimizer steps (or until early stopping) and returns a summary.
 
@@ -278,7 +289,8 @@ def train(
             log.info("removed %s (trainer.keep_checkpoints=%d)", path.name, settings.keep_checkpoints)
 
     def grid(step: int, name: str) -> Path:
-        images = sample_grid(diffusion, device=device, columns=settings.grid_columns, num_classes=num_classes)
+        images = sample_grid(diffusion, device=device, columns=settings.grid_columns, num_classes=num_classes,
+                             sampler=sampler, guidance_scale=guidance_scale)  # fmt: skip
         path = save_grid(images, run_dir / "samples" / name, columns=settings.grid_columns)
         logger.log_image("samples", path, step, caption=f"step {step}")
         return path
@@ -309,6 +321,9 @@ def train(
             x = x.to(device, non_blocking=True)
             labels = y.to(device, non_blocking=True) if settings.use_labels else None
             t, noise = diffusion.training_noise(global_batch, device, noise_stream)
+            if labels is not None and settings.label_dropout > 0:  # drawn for the global batch too
+                dropped = torch.rand(global_batch, device=device, generator=noise_stream) < settings.label_dropout
+                labels = torch.where(dropped[share], model.null_label, labels)
 
             loss = step_module(x, labels, t[share], noise[share])
             optimizer.zero_grad(set_to_none=True)

@@ -149,7 +149,10 @@ class UNet(nn.Module):
         activation: str = "silu",
         use_labels: bool = False,
         num_classes: int | None = None,
+        null_class: bool = False,
     ):
+        """`null_class` adds one more label, `num_classes`, meaning "no class": classifier-free guidance trains it
+        by dropping labels (trainer.label_dropout) and samples with it for the unconditional prediction."""
         super().__init__()
         norm = norm or "none"
         channel_mults = list(channel_mults)
@@ -163,9 +166,10 @@ class UNet(nn.Module):
         self.in_channels = in_channels
         self.image_size = image_size
         self.num_classes = num_classes if use_labels else None
+        self.null_label = num_classes if use_labels and null_class else None
         block = dict(
             time_emb_dim=time_emb_dim,
-            num_classes=self.num_classes,
+            num_classes=None if self.num_classes is None else self.num_classes + (self.null_label is not None),
             dropout=dropout,
             norm=norm,
             num_groups=num_groups,

@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import CONF_DIR, PROJECT_ROOT, compose_config, group_options
 from test_data import trust_cifar_archive, write_cifar_archive
-from ddpm.build import build_diffusion
+from ddpm.build import build_diffusion, build_sampler
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.loggers import LocalLogger
 from ddpm.training import TrainSettings
@@ -48,8 +48,9 @@ def instantiate_option(group, cfg, tmp_path):
     elif group == "trainer":
         assert isinstance(instantiate(node), TrainSettings)
     elif group == "sampler":
-        sampler = instantiate(node)
-        x = sampler(lambda x, t: torch.zeros_like(x), torch.zeros(1, 1, 2, 2), torch.full((30,), 0.01))
+        sampler, guidance_scale = build_sampler(node)
+        assert guidance_scale == 0.0
+        x = sampler(lambda x, t: torch.zeros_like(x), torch.zeros(1, 1, 2, 2), torch.full((100,), 0.01))
         assert x.shape == (1, 1, 2, 2)
     elif group == "logger":
         logger = instantiate(node)(run_dir=tmp_path, config={"a": 1})

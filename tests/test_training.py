@@ -76,9 +76,9 @@ def test_training_order_depends_on_the_seed_alone():
     assert torch.equal(first, second) and not torch.equal(first, other)
 
 
-def tiny_diffusion(use_labels=True):
+def tiny_diffusion(use_labels=True, null_class=False):
     model = UNet(in_channels=1, image_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
-                 num_groups=8, use_labels=use_labels, num_classes=10, dropout=0.1)  # fmt: skip
+                 num_groups=8, use_labels=use_labels, num_classes=10, dropout=0.1, null_class=null_class)  # fmt: skip
     return GaussianDiffusion(model, linear_betas(50), 16, 1, ema=EMA(model, decay=0.9, start=2))
 
 
@@ -107,9 +107,9 @@ class PoisonedBatches(TrainingBatches):
         return (torch.full_like(x, float("nan")) if self.taken in self.poisoned else x), y
 
 
-def run_loop(tmp_path, resume_from=None, poisoned_steps=(), **overrides):
+def run_loop(tmp_path, resume_from=None, poisoned_steps=(), diffusion=None, **overrides):
     seed_everything(0)
-    diffusion = tiny_diffusion()
+    diffusion = diffusion or tiny_diffusion()
     settings = TrainSettings(**{"iterations": 8, "batch_size": 16, "use_labels": True, "log_rate": 2,
                                 "checkpoint_rate": 4, "sample_rate": 0, "grid_columns": 1, "device": "cpu",
                                 "num_workers": 0, "test_batches": 1, **overrides})  # fmt: skip

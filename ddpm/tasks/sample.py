@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate, to_absolute_path
+from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.build import load_diffusion
+from ddpm.build import build_sampler, load_diffusion
 from ddpm.configs import describe, differences
 from ddpm.errors import ConfigError
 from ddpm.images import save_images, save_sequence_strip, to_uint8
@@ -85,7 +85,7 @@ def run(cfg: DictConfig) -> dict:
     diffusion, state = load_diffusion(to_absolute_path(cfg.checkpoint), device)
     check_overrides_match(cfg, state["config"], cfg.checkpoint)
     classes = chosen_classes(cfg, diffusion.model.num_classes, cfg.checkpoint)
-    sampler = instantiate(cfg.sampler)
+    sampler, guidance_scale = build_sampler(cfg.sampler)
     labels = balanced_labels(settings.num_images, classes) if classes else None
     log.info("sampling %d images from %s (step %d, %s weights) into %s", settings.num_images, cfg.checkpoint,
              state["step"], "EMA" if settings.use_ema and diffusion.ema else "raw", out_dir)  # fmt: skip
@@ -98,6 +98,7 @@ def run(cfg: DictConfig) -> dict:
         images = diffusion.sample(
             count, device, batch_labels.to(device) if batch_labels is not None else None,
             use_ema=settings.use_ema, generator=generator, sampler=sampler, progress=sys.stderr.isatty(),
+            guidance_scale=guidance_scale,
         )  # fmt: skip
         pixels = to_uint8(images)
         save_images(pixels, out_dir, batch_labels.numpy() if batch_labels is not None else None, start=start)

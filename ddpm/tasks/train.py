@@ -9,10 +9,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.build import build_diffusion, build_optimizer
+from ddpm.build import build_diffusion, build_optimizer, build_sampler
 from ddpm.checkpoint import remove_temporaries
 from ddpm.data.loader import TrainingBatches, evaluation_batches
 from ddpm.distributed import Ranks, init_distributed, local_batch_size, rank_device, shutdown
+from ddpm.errors import ConfigError
 from ddpm.preflight import check_storage, estimated_checkpoint_bytes
 from ddpm.resume import check_resumable, find_resume_checkpoint
 from ddpm.rng import seed_everything
@@ -58,6 +59,10 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, ranks: Ranks, run_di
     seed_everything(settings.seed)  # the same initial weights on every rank
     diffusion = build_diffusion(cfg).to(device)
     optimizer = build_optimizer(cfg, diffusion.model.parameters())
+    sampler, guidance_scale = build_sampler(cfg.sampler)  # for the sample grids
+    if guidance_scale and diffusion.model.null_label is None:
+        raise ConfigError(f"sampler.guidance_scale={guidance_scale} for the sample grids needs trainer.use_labels=true "
+                          "and trainer.label_dropout > 0")
     if ranks.rank:
         seed_everything(settings.seed + ranks.rank)  # but each rank its own dropout draws
     batches = TrainingBatches(train_set, batch_size, seed=settings.seed, num_workers=settings.num_workers,
@@ -69,7 +74,8 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, ranks: Ranks, run_di
     )
     if not ranks.is_main:
         return train(diffusion, optimizer, batches, settings, device=device, run_dir=run_dir, logger=None,
-                     config=config, resume=resume, resume_path=resume_path, ranks=ranks)  # fmt: skip
+                     config=config, resume=resume, resume_path=resume_path, ranks=ranks, sampler=sampler,
+                     guidance_scale=guidance_scale)  # fmt: skip
     check_storage(checkpoint_dir, estimated_checkpoint_bytes(diffusion.model, diffusion.ema is not None),
                   settings.keep_checkpoints)  # fmt: skip
     for leftover in remove_temporaries(checkpoint_dir):
@@ -90,6 +96,7 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, ranks: Ranks, run_di
         summary = train(
             diffusion, optimizer, batches, settings, device=device, run_dir=run_dir, logger=logger,
             config=config, test_loader=test_loader, resume=resume, resume_path=resume_path, ranks=ranks,
+            sampler=sampler, guidance_scale=guidance_scale,
         )  # fmt: skip
     finally:
         logger.finish()

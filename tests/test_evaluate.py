@@ -1,0 +1,116 @@
+"""task=evaluate end to end, with the small stand-in feature extractor (the Inception weights are not
+downloadable in CI): metrics of a checkpoint, of an npz, sharded generation and merge, the NFE sweep."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import ddpm.samplers
+from conftest import TINY_QUICKSTART, compose_config, run_main
+from ddpm.errors import ConfigError
+from ddpm.tasks.evaluate import check_settings, merge_shards
+
+
+STAND_IN = ["dataset=digits", "eval.extractor._target_=ddpm.metrics.TinyExtractor", "eval.device=cpu"]
+SMALL = ["eval.num_samples=20", "eval.batch_size=10", "eval.pr_num_samples=200"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A 2-step class-conditional checkpoint with a 20-step schedule, and a shared reference-statistics dir."""
+    root = tmp_path_factory.mktemp("evaluate")
+    run_main(*TINY_QUICKSTART, "schedule=cosine", "schedule.num_timesteps=20", "trainer.iterations=2",
+             "trainer.batch_size=8", "trainer.sample_at_end=false", f"hydra.run.dir={root / 'train'}")  # fmt: skip
+    checkpoint = root / "train" / "checkpoints" / "last.pt"
+    common = [*STAND_IN, f"checkpoint={checkpoint}", f"eval.reference_dir={root / 'stats'}"]
+    run_main("task=evaluate", *common, *SMALL, f"hydra.run.dir={root / 'single'}")
+    return {"root": root, "common": common, "single": root / "single"}
+
+
+@pytest.mark.slow
+def test_evaluate_writes_metrics_samples_and_cached_reference_statistics(setup):
+    metrics = json.loads((setup["single"] / "metrics.json").read_text())
+    assert metrics["num_samples"] == 20 and metrics["extractor"] == "tiny-d32-c10-s0"
+    assert np.isfinite(metrics["fid"]) and metrics["fid"] > 0
+    assert 1 <= metrics["inception_score"] <= 10 and 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
+    assert metrics["reference_count"] == 1617  # the digits' training split
+    assert metrics["reference"].endswith("stats/digits-16px-tiny-d32-c10-s0-train.npz")
+    samples = np.load(setup["single"] / "samples.npz")
+    assert samples["arr_0"].shape == (20, 16, 16, 1) and samples["arr_0"].dtype == np.uint8
+    assert np.bincount(samples["arr_1"]).tolist() == [2] * 10  # balanced classes
+
+
+@pytest.mark.slow
+def test_existing_samples_give_the_same_metrics(setup, tmp_path):
+    run_main("task=evaluate", *STAND_IN, f"eval.samples={setup['single'] / 'samples.npz'}",
+             f"eval.reference_dir={setup['root'] / 'stats'}", "eval.pr_num_samples=200", f"hydra.run.dir={tmp_path}")
+    again, single = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path, setup["single"]))
+    assert again["fid"] == pytest.approx(single["fid"]) and again["precision"] == single["precision"]
+
+
+@pytest.mark.slow
+def test_two_shards_in_a_multirun_merge_into_the_single_run(setup, tmp_path):
+    sweep = tmp_path / "sweep"
+    run_main("-m", "task=evaluate", *setup["common"], *SMALL, "eval.num_shards=2", "eval.shard=0,1",
+             f"hydra.sweep.dir={sweep}")  # fmt: skip
+    assert sorted(p.name for p in sweep.glob("shard_*.npz")) == ["shard_0_of_2.npz", "shard_1_of_2.npz"]
+    assert [len(np.load(sweep / f"shard_{i}_of_2.npz")["arr_0"]) for i in range(2)] == [10, 10]
+
+    run_main("task=evaluate", *STAND_IN, f"eval.merge={sweep}", f"eval.reference_dir={setup['root'] / 'stats'}",
+             "eval.pr_num_samples=200", f"hydra.run.dir={tmp_path / 'merged'}")  # fmt: skip
+    merged = json.loads((tmp_path / "merged" / "metrics.json").read_text())
+    single = json.loads((setup["single"] / "metrics.json").read_text())
+    assert merged["num_samples"] == 20
+    # Batch b is drawn from seed (eval.seed, b) wherever it runs: the shards hold exactly the single run's images.
+    np.testing.assert_array_equal(np.load(tmp_path / "merged" / "samples.npz")["arr_0"],
+                                  np.load(setup["single"] / "samples.npz")["arr_0"])  # fmt: skip
+    assert merged["fid"] == pytest.approx(single["fid"]) and merged["inception_score"] == pytest.approx(single["inception_score"])
+
+    (sweep / "shard_1_of_2.npz").unlink()
+    with pytest.raises(ConfigError, match=r"lacks 1 of 2 shards: shard_1_of_2.npz"):
+        merge_shards(sweep)
+
+
+@pytest.mark.slow
+def test_nfe_sweep_writes_a_table_and_a_plot(setup, tmp_path):
+    # The step samplers join the sweep once ddpm.samplers has them; ddpm alone runs at T = 20.
+    samplers = [name for name in ("ddim", "dpm_solver") if hasattr(ddpm.samplers, name)] + ["ddpm"]
+    run_main("task=evaluate", *setup["common"], "eval.num_samples=10", "eval.batch_size=10", "eval.is_splits=2",
+             "eval.pr_num_samples=200", "eval.nfe_sweep=[5]", f"eval.nfe_samplers=[{','.join(samplers)}]",
+             f"hydra.run.dir={tmp_path}")  # fmt: skip
+    with open(tmp_path / "nfe_sweep.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["sampler"], row["steps"]) for row in rows if row["sampler"] == "ddpm"] == [("ddpm", "20")]
+    assert [row["nfe"] for row in rows if row["sampler"] == "ddpm"] == ["20"]  # counted network calls
+    assert len(rows) == len(samplers)
+    assert all(np.isfinite(float(row["fid"])) for row in rows)
+    assert (tmp_path / "nfe_sweep.md").read_text().startswith("| sampler | steps | nfe | fid |")
+    assert Image.open(tmp_path / "nfe_sweep.png").size[0] > 300
+
+
+@pytest.mark.slow
+def test_evaluate_without_a_source_of_samples_is_one_line_naming_the_keys(tmp_path):
+    result = run_main("task=evaluate", *STAND_IN, f"hydra.run.dir={tmp_path}", check=False)
+    assert result.returncode == 1
+    assert "task=evaluate needs checkpoint=PATH" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["checkpoint=x.pt", "eval.num_samples=0"], "eval.num_samples=0 must be an integer >= 1"),
+        (["checkpoint=x.pt", "eval.num_shards=2", "eval.shard=3"], "eval.shard=3 must be in 0..1 (eval.num_shards=2)"),
+        (["checkpoint=x.pt", "eval.num_samples=20", "eval.batch_size=10", "eval.num_shards=3"], "eval.num_shards=3 is more than the 2 batches"),
+        (["checkpoint=x.pt", "eval.nfe_sweep=[10]", "eval.nfe_samplers=[euler]"], "eval.nfe_samplers=['euler']"),
+        (["checkpoint=x.pt", "eval.nfe_sweep=[0]"], "eval.nfe_sweep=[0] must be null or a list"),
+        (["eval.samples=a.npz", "eval.merge=dir"], "give one source of samples"),
+    ],
+)
+def test_bad_evaluate_settings_name_the_key(overrides, expected):
+    with pytest.raises(ConfigError) as caught:
+        check_settings(compose_config("task=evaluate", *STAND_IN, *overrides))
+    assert expected in str(caught.value)
