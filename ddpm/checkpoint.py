@@ -93,6 +93,13 @@ def _umask() -> int:
     return mask
 
 
+def copy_checkpoint(source: str | Path, target: str | Path) -> Path:
+    """`target` becomes the checkpoint `source` (best.pt from last.pt), replaced in one rename."""
+    _link_or_copy(Path(source), Path(target))
+    _fsync_directory(Path(target).parent)
+    return Path(target)
+
+
 def _link_or_copy(source: Path, target: Path) -> None:
     """`target` becomes a complete copy of `source` in one rename, whatever was there before."""
     staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ddpm.checkpoint import content_digest, periodic_name, prune_periodic, save_checkpoint
+from ddpm.checkpoint import content_digest, copy_checkpoint, periodic_name, prune_periodic, save_checkpoint
 from ddpm.checks import describe, matches
 from ddpm.data.loader import TrainingBatches
 from ddpm.diffusion import GaussianDiffusion
@@ -55,6 +55,11 @@ class TrainSettings:
     grid_columns: int = 10  # sample grids: columns x columns images, or one row of this many per class
     sample_at_end: bool = True
     label_dropout: float = 0.0  # classifier-free guidance: the share of labels replaced by the null label
+    eval_rate: int = 0  # steps between cheap FIDs of the EMA weights (keeps best.pt); 0 = off
+    eval_samples: int = 5000  # images per cheap FID
+    eval_steps: int = 50  # DDIM steps per image of a cheap FID
+    early_stop_metric: str = "train_loss"  # train_loss (early_stop_loss_change) | fid (early_stop_patience)
+    early_stop_patience: int = 5  # with early_stop_metric=fid: evaluations without a new best FID before stopping
     resume: str = "auto"  # auto (continue from <run dir>/checkpoints when there is one) | never | PATH
     keep_checkpoints: int = 5  # periodic checkpoints kept besides last.pt; 0 = all
     skip_nonfinite: int = 0  # steps with a non-finite loss or gradient norm that may be skipped before stopping
@@ -65,15 +70,20 @@ class TrainSettings:
             value = getattr(self, field.name)
             if not matches(value, field.type):
                 raise ConfigError(f"trainer.{field.name}={value!r} must be of type {describe(field.type)}")
-        positive = ("iterations", "batch_size", "ema_update_rate", "grid_columns")
+        positive = ("iterations", "batch_size", "ema_update_rate", "grid_columns", "eval_samples", "eval_steps",
+                "early_stop_patience")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 1")
         non_negative = ("grad_clip", "warmup", "log_rate", "test_batches", "sample_rate", "checkpoint_rate",
-                        "early_stop_loss_change", "ema_start", "num_workers", "keep_checkpoints", "skip_nonfinite")  # fmt: skip
+                        "early_stop_loss_change", "ema_start", "num_workers", "keep_checkpoints", "skip_nonfinite", "eval_rate")  # fmt: skip
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 0 (0 turns it off)")
+        if self.early_stop_metric not in ("train_loss", "fid"):
+            raise ConfigError(f"trainer.early_stop_metric={self.early_stop_metric!r} is not one of ['train_loss', 'fid']")
+        if self.early_stop_metric == "fid" and self.eval_rate == 0:
+            raise ConfigError("trainer.early_stop_metric=fid compares FIDs: set trainer.eval_rate > 0")
         if not 0 <= self.label_dropout < 1:
             raise ConfigError(f"trainer.label_dropout={self.label_dropout} must be in [0, 1)")
         if self.label_dropout > 0 and not self.use_labels:
@@ -178,6 +188,8 @@ class LoopState:
     interval_losses: list[float] = dataclasses.field(default_factory=list)  # one per log, for early stopping
     stopped_early: bool = False
     wall_time_s: float = 0.0  # training time of earlier processes of this run
+    best_fid: float = math.inf  # trainer.eval_rate: the lowest FID so far (its checkpoint is best.pt)
+    evals_since_best: int = 0
 
     def to(self, device: torch.device) -> "LoopState":
         self.loss_sum, self.grad_norm_sum = self.loss_sum.to(device), self.grad_norm_sum.to(device)
@@ -233,13 +245,18 @@ def train(
     ranks: Ranks = Ranks(),
     sampler: Callable[..., torch.Tensor] = ddpm_ancestral,
     guidance_scale: float = 0.0,
+    evaluator: Callable[[GaussianDiffusion], float] | None = None,
 ) -> dict[str, Any]:
     """Runs settings.iterations optimizer steps (or until early stopping) and returns a summary.
 
     With `resume` (the contents of a checkpoint this loop wrote, read from `resume_path`), continues that run
     where it stopped, bit for bit. With several `ranks`, each rank trains on its share of every global batch;
-    rank 0 alone logs, samples and writes checkpoints (`logger` is only used there).
+    rank 0 alone logs, samples and writes checkpoints (`logger` is only used there). Every
+    `settings.eval_rate` steps, rank 0's `evaluator` gives a FID of the weights; the best one's checkpoint is
+    kept as best.pt, and `early_stop_metric=fid` stops when the FID has not improved for a while.
     """
+    if settings.eval_rate and ranks.is_main and evaluator is None:
+        raise ValueError("trainer.eval_rate > 0 needs an evaluator (a function of the diffusion giving a FID)")
     model = diffusion.model
     num_classes = model.num_classes if settings.use_labels else None
     base_lrs = [group["lr"] for group in optimizer.param_groups]  # from the config, also when resuming
@@ -294,6 +311,25 @@ def train(
         path = save_grid(images, run_dir / "samples" / name, columns=settings.grid_columns)
         logger.log_image("samples", path, step, caption=f"step {step}")
         return path
+
+    def evaluate(step: int) -> None:
+        """A FID on rank 0; a new best is saved as best.pt. Every rank learns whether to stop."""
+        improved = False
+        if ranks.is_main:
+            fid = evaluator(diffusion)
+            improved = fid < loop.best_fid
+            loop.best_fid, loop.evals_since_best = (fid, 0) if improved else (loop.best_fid, loop.evals_since_best + 1)
+            logger.log({"fid": fid, "best_fid": loop.best_fid}, step)
+            log.info("step %d  fid %.4g  (best %.4g)", step, fid, loop.best_fid)
+        if any_rank(improved, ranks, device):
+            if last_saved != (checkpoint_dir / "last.pt", step):
+                checkpoint(step)
+            if ranks.is_main:
+                copy_checkpoint(checkpoint_dir / "last.pt", checkpoint_dir / "best.pt")
+        patience_spent = loop.evals_since_best >= settings.early_stop_patience
+        if any_rank(settings.early_stop_metric == "fid" and patience_spent, ranks, device):
+            log.info("early stop at step %d: no better FID in %d evaluations", step, settings.early_stop_patience)
+            loop.stopped_early = True
 
     def refuse_nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         saved = (f"the last intact checkpoint is {last_saved[0]} (step {last_saved[1]})" if last_saved
@@ -364,12 +400,16 @@ def train(
                     if "train_loss" in metrics:
                         bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
                 interval_iterations, interval_start = 0, time.perf_counter()
-                if should_stop_early(loop.interval_losses, settings.early_stop_loss_change):
+                if settings.early_stop_metric == "train_loss" and should_stop_early(
+                    loop.interval_losses, settings.early_stop_loss_change
+                ):
                     log.info("early stop at step %d: the train loss changed by less than %g per interval",
                              loop.step, settings.early_stop_loss_change)  # fmt: skip
                     loop.stopped_early = True
+            if settings.eval_rate and loop.step % settings.eval_rate == 0:
+                evaluate(loop.step)  # before the checkpoint of this step, which then holds the new best FID
             stopping = any_rank(stop_signal.requested, ranks, device)
-            if is_periodic(loop.step) or stopping:
+            if (is_periodic(loop.step) or stopping) and last_saved != (checkpoint_dir / "last.pt", loop.step):
                 checkpoint(loop.step)
             if stopping:
                 barrier(ranks)  # the checkpoint is on disk before anyone requeues
@@ -404,6 +444,8 @@ def train(
         "checkpoint": str(checkpoint_dir / "last.pt"),
         "world_size": ranks.world_size,
         "rank_weight_digests": weight_digests,
+        "best_fid": loop.best_fid if math.isfinite(loop.best_fid) else None,
+        "best_checkpoint": str(checkpoint_dir / "best.pt") if math.isfinite(loop.best_fid) else None,
     }
 
 

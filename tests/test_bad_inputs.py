@@ -140,6 +140,12 @@ CASES = [
     case(SAMPLE, ["checkpoint={cond}", "sample.batch_size=abc"], "sample.batch_size='abc' must be an integer",
          id="sample-batch-size-str"),  # fmt: skip
     case(SAMPLE, ["checkpoint={cond}", "sample.device=tpu"], "sample.device='tpu'", id="sample-device-unknown"),
+    case(SAMPLE, ["checkpoint={cond}", "sampler.guidance_scale=2.0"], "sampler.guidance_scale=2.0 needs",
+         "trainer.label_dropout > 0", id="sample-guidance-without-label-dropout"),  # fmt: skip
+    case(SAMPLE, ["checkpoint={cond}", "sampler=ddim", "sampler.steps=500"], "sampler.steps=500",
+         id="sample-ddim-more-steps-than-timesteps"),  # fmt: skip
+    case(RUN, ["trainer.early_stop_metric=fid"], "trainer.early_stop_metric=fid", "trainer.eval_rate",
+         id="trainer-early-stop-fid-without-evaluations"),  # fmt: skip
 ]
 SUBPROCESS_CASES = ["trainer-keep-checkpoints", "unknown-key-typo"]  # a ddpm error and one of Hydra's own
 

@@ -3,6 +3,7 @@ downloadable in CI): metrics of a checkpoint, of an npz, sharded generation and 
 
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 
 import ddpm.samplers
 from conftest import TINY_QUICKSTART, compose_config, run_main
+from ddpm.checkpoint import load_checkpoint
 from ddpm.errors import ConfigError
 from ddpm.tasks.evaluate import check_settings, merge_shards
 
@@ -114,3 +116,19 @@ def test_bad_evaluate_settings_name_the_key(overrides, expected):
     with pytest.raises(ConfigError) as caught:
         check_settings(compose_config("task=evaluate", *STAND_IN, *overrides))
     assert expected in str(caught.value)
+
+
+@pytest.mark.slow
+def test_training_measures_fid_and_keeps_the_best_checkpoint(tmp_path):
+    """trainer.eval_rate through main.py, with the stand-in extractor: fid in the log, best.pt on disk."""
+    run_main(*TINY_QUICKSTART, "schedule=cosine", "schedule.num_timesteps=20", "trainer.iterations=4",
+             "trainer.batch_size=8", "trainer.log_rate=2", "trainer.checkpoint_rate=0", "trainer.sample_at_end=false",
+             "trainer.eval_rate=2", "trainer.eval_samples=20", "trainer.eval_steps=5", "eval.batch_size=20",
+             "eval.extractor._target_=ddpm.metrics.TinyExtractor", f"eval.reference_dir={tmp_path / 'stats'}",
+             f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    fids = [row["fid"] for row in rows if "fid" in row]
+    assert len(fids) == 2 and all(math.isfinite(value) for value in fids)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["best_fid"] == min(fids)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["loop"]["best_fid"] == min(fids)

@@ -107,7 +107,7 @@ class PoisonedBatches(TrainingBatches):
         return (torch.full_like(x, float("nan")) if self.taken in self.poisoned else x), y
 
 
-def run_loop(tmp_path, resume_from=None, poisoned_steps=(), diffusion=None, **overrides):
+def run_loop(tmp_path, resume_from=None, poisoned_steps=(), diffusion=None, evaluator=None, **overrides):
     seed_everything(0)
     diffusion = diffusion or tiny_diffusion()
     settings = TrainSettings(**{"iterations": 8, "batch_size": 16, "use_labels": True, "log_rate": 2,
@@ -120,7 +120,7 @@ def run_loop(tmp_path, resume_from=None, poisoned_steps=(), diffusion=None, **ov
         diffusion, optimizer, PoisonedBatches(poisoned_steps), settings,
         device=torch.device("cpu"), run_dir=tmp_path, logger=logger, config={"note": "test"},
         test_loader=torch.utils.data.DataLoader(digits(split="test"), batch_size=16),
-        resume=resume, resume_path=resume_from,
+        resume=resume, resume_path=resume_from, evaluator=evaluator,
     )  # fmt: skip
     return diffusion, logger, summary
 
@@ -242,3 +242,35 @@ def test_augmentation_differs_between_images_and_epochs():
     first, second = flipped(next(batches)), flipped(next(batches))  # two epochs of the same 32 images
     assert set(first.values()) == {True, False}  # chance of failing: 2 in 2**32
     assert first != second
+
+
+class ScriptedFid:
+    """Stands in for the FID of tasks/evaluate.py: returns the given values in turn, remembering the weights."""
+
+    def __init__(self, values):
+        self.values, self.calls = list(values), []
+
+    def __call__(self, diffusion):
+        self.calls.append({k: v.clone() for k, v in diffusion.model.state_dict().items()})
+        return self.values[len(self.calls) - 1]
+
+
+def test_the_best_fid_is_kept_as_best_pt_and_can_stop_the_run(tmp_path):
+    fid = ScriptedFid([5.0, 3.0, 4.0, 4.0, 1.0])
+    _, logger, summary = run_loop(tmp_path, iterations=12, eval_rate=2, early_stop_metric="fid",
+                                  early_stop_patience=2, evaluator=fid, sample_at_end=False)  # fmt: skip
+    assert summary["steps"] == 8 and summary["stopped_early"]  # evaluations at 2, 4 (best), 6, 8: two without gain
+    assert summary["best_fid"] == 3.0
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert best["step"] == 4 and best["loop"]["best_fid"] == 3.0
+    for name, tensor in fid.calls[1].items():  # best.pt holds the weights that were measured
+        assert torch.equal(best["model"][name], tensor)
+    logged = [(step, m["fid"], m["best_fid"]) for step, m in logger.metrics if "fid" in m]
+    assert logged == [(2, 5.0, 5.0), (4, 3.0, 3.0), (6, 4.0, 3.0), (8, 4.0, 3.0)]
+
+
+def test_fid_early_stopping_needs_evaluations():
+    with pytest.raises(ConfigError, match="trainer.early_stop_metric=fid compares FIDs"):
+        TrainSettings(early_stop_metric="fid")
+    with pytest.raises(ConfigError, match="trainer.early_stop_metric='fidd'"):
+        TrainSettings(early_stop_metric="fidd")

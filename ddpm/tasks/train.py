@@ -17,6 +17,7 @@ from ddpm.errors import ConfigError
 from ddpm.preflight import check_storage, estimated_checkpoint_bytes
 from ddpm.resume import check_resumable, find_resume_checkpoint
 from ddpm.rng import seed_everything
+from ddpm.tasks.evaluate import FidDuringTraining
 from ddpm.training import TrainSettings, resolve_device, train, use_deterministic_kernels
 
 log = logging.getLogger(__name__)
@@ -72,12 +73,14 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, ranks: Ranks, run_di
         if test_set is not None
         else None
     )
-    if not ranks.is_main:
+    if not ranks.is_main:  # no evaluator: rank 0 alone measures FIDs
         return train(diffusion, optimizer, batches, settings, device=device, run_dir=run_dir, logger=None,
                      config=config, resume=resume, resume_path=resume_path, ranks=ranks, sampler=sampler,
                      guidance_scale=guidance_scale)  # fmt: skip
     check_storage(checkpoint_dir, estimated_checkpoint_bytes(diffusion.model, diffusion.ema is not None),
                   settings.keep_checkpoints)  # fmt: skip
+    # The feature extractor and the reference statistics are ready (or their error shown) before the first step.
+    evaluator = FidDuringTraining(cfg, device, settings.eval_samples, settings.eval_steps) if settings.eval_rate else None
     for leftover in remove_temporaries(checkpoint_dir):
         log.info("removed %s, left by a checkpoint write that was interrupted", leftover.name)
 
@@ -96,7 +99,7 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, ranks: Ranks, run_di
         summary = train(
             diffusion, optimizer, batches, settings, device=device, run_dir=run_dir, logger=logger,
             config=config, test_loader=test_loader, resume=resume, resume_path=resume_path, ranks=ranks,
-            sampler=sampler, guidance_scale=guidance_scale,
+            sampler=sampler, guidance_scale=guidance_scale, evaluator=evaluator,
         )  # fmt: skip
     finally:
         logger.finish()
