@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpm.build import build_sampler, load_diffusion
 from ddpm.errors import ConfigError
+from ddpm.images import to_uint8
 from ddpm.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
 from ddpm.training import resolve_device
 
@@ -140,8 +141,6 @@ def generate(
     diffusion, sampler, settings: DictConfig, batches: range, device: torch.device, guidance_scale: float = 0.0
 ) -> dict[str, np.ndarray]:
     """The images (uint8 N x H x W x C) of the given global batches, and their classes when conditional."""
-    from ddpm.images import to_uint8
-
     num_classes = diffusion.model.num_classes
     images, labels = [], []
     for batch in batches:
@@ -240,9 +239,8 @@ def dataset_images(cfg: DictConfig) -> np.ndarray:
         extra["random_flip"] = False
     dataset = instantiate(cfg.dataset, **extra)
     loader = torch.utils.data.DataLoader(dataset, batch_size=500, shuffle=False, num_workers=0)
-    # [-1, 1] -> uint8 inverts ToTensor + Normalize(0.5, 0.5) exactly: round((2 p / 255 - 1 + 1) * 127.5) = p.
-    return np.concatenate([((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-                           for x, _ in loader])  # fmt: skip
+    # to_uint8 inverts ToTensor + Normalize(0.5, 0.5) exactly: round((2 p / 255 - 1 + 1) * 127.5) = p.
+    return np.concatenate([to_uint8(x) for x, _ in loader])
 
 
 def reference_statistics(cfg: DictConfig, extractor) -> dict[str, Any]:

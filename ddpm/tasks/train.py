@@ -5,6 +5,8 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
@@ -36,16 +38,16 @@ def run(cfg: DictConfig) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
 
     settings: TrainSettings = instantiate(cfg.trainer)
-    ranks = init_distributed(resolve_device(settings.device))
+    device = resolve_device(settings.device)
+    ranks = init_distributed(device)
     try:
-        return train_as_rank(cfg, settings, ranks, run_dir, checkpoint_dir, config)
+        return train_as_rank(cfg, settings, rank_device(device, ranks), ranks, run_dir, checkpoint_dir, config)
     finally:
         shutdown(ranks)
 
 
-def train_as_rank(cfg: DictConfig, settings: TrainSettings, ranks: Ranks, run_dir: Path, checkpoint_dir: Path,
-                  config: dict) -> dict:  # fmt: skip
-    device = rank_device(resolve_device(settings.device), ranks)
+def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device, ranks: Ranks, run_dir: Path,
+                  checkpoint_dir: Path, config: dict) -> dict:  # fmt: skip
     batch_size = local_batch_size(settings.batch_size, ranks)
     use_deterministic_kernels(settings.deterministic)
     train_set = instantiate(cfg.dataset, split="train")
