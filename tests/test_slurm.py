@@ -124,13 +124,25 @@ def test_a_preempted_job_checkpoints_is_requeued_and_resumes(tmp_path):
     check_resumed_and_complete(sweep, iterations)
 
 
+def steps_per_second(tmp_path: Path) -> float:
+    """How fast TRAIN runs on one CPU of this machine (the cluster's node), from a short local run."""
+    run_dir = tmp_path / "calibration"
+    run_main(*TRAIN, "trainer.iterations=150", "trainer.log_rate=50", "trainer.checkpoint_rate=0",
+             "trainer.num_workers=0", f"hydra.run.dir={run_dir}")  # fmt: skip
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return min(m["images_per_s"] for m in logged[1:]) / 16  # batch 16; the first interval includes warm-up
+
+
 def test_a_job_at_its_time_limit_checkpoints_is_requeued_and_resumes(tmp_path):
     sweep = tmp_path / "sweep"
-    iterations = 400
-    # 1 minute jobs, warned 30 s before the limit: each allocation trains for a few seconds and is requeued.
+    # 2 minute jobs warned 30 s before the limit. SLURM may send the warning up to 60 s early, so it comes
+    # 30-90 s into each allocation: after the job has started (a warning during Python's start-up, before
+    # any handler exists, would kill it), and before the end of training sized to last about 100 s (and a
+    # multiple of the log rate, so that the last step is logged).
+    iterations = 10 * round(100 * steps_per_second(tmp_path) / 10)
     run_main(*SLURM, *TRAIN, f"trainer.iterations={iterations}", "trainer.log_rate=10", "trainer.checkpoint_rate=50",
-             "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30", "hydra.launcher.max_num_timeout=8",
-             f"hydra.sweep.dir={sweep}", timeout=900)  # fmt: skip
+             "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=30", "hydra.launcher.max_num_timeout=8",
+             f"hydra.sweep.dir={sweep}", timeout=1200)  # fmt: skip
     check_resumed_and_complete(sweep, iterations)
 
 
