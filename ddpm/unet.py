@@ -50,12 +50,15 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height = x.shape[2]
-        qkv = self.to_qkv(self.norm(x))
-        # (b, heads, pixels, head_dim) is the layout scaled_dot_product_attention's fast kernels expect.
-        q, k, v = rearrange(qkv, "b (qkv heads d) h w -> qkv b heads (h w) d", qkv=3, heads=self.num_heads)
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = rearrange(out, "b heads (h w) d -> b (heads d) h w", h=height)
-        return x + self.to_out(out)
+        # Token-major projections (the 1x1 convolutions' weights as matrices): q, k and v then have a
+        # contiguous head dimension, which the flash and memory-efficient kernels of scaled_dot_product_attention
+        # require (with a strided one they fall back to the slow math kernel). Free under channels_last.
+        tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")
+        qkv = F.linear(tokens, self.to_qkv.weight.flatten(1), self.to_qkv.bias)
+        q, k, v = rearrange(qkv, "b n (qkv heads d) -> qkv b heads n d", qkv=3, heads=self.num_heads)
+        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b heads n d -> b n (heads d)")
+        out = F.linear(out, self.to_out.weight.flatten(1), self.to_out.bias)
+        return x + rearrange(out, "b (h w) c -> b c h w", h=height)
 
 
 class ResidualBlock(nn.Module):
@@ -109,15 +112,41 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
-class Upsample(nn.Module):
-    """Doubles the resolution: nearest-neighbour upsampling, then a 3x3 convolution."""
+# Nearest-neighbour upsampling followed by a 3x3 convolution, seen from the low-resolution input: an output
+# pixel in an even row reads input rows (i-1, i) with the kernel's rows (0, 1+2); an odd row reads (i, i+1) with
+# rows (0+1, 2). The same holds for columns. PHASE_TAPS[a] maps the 3 kernel taps to the 2 of phase a.
+PHASE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
 
-    def __init__(self, channels: int):
+
+class Upsample(nn.Module):
+    """Doubles the resolution: nearest-neighbour upsampling, then a 3x3 convolution.
+
+    With `subpixel` (the default) the same function is computed as four 2x2 convolutions of the low-resolution
+    input, one per output phase, interleaved: 16 instead of 36 multiply-adds per pixel and channel pair, and no
+    4x larger intermediate. The weights stay those of the 3x3 convolution.
+    """
+
+    def __init__(self, channels: int, subpixel: bool = True):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.subpixel = subpixel
+        self.register_buffer("phase_taps", PHASE_TAPS.clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        if not self.subpixel:
+            return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        height, width = x.shape[2:]
+        taps = self.phase_taps.to(self.conv.weight.dtype)
+        # (row phase a, column phase b, out, in, 2, 2) kernels, all four phases in one convolution.
+        kernels = torch.einsum("apr,bqs,oirs->aboipq", taps, taps, self.conv.weight)
+        out = F.conv2d(F.pad(x, (1, 1, 1, 1)), rearrange(kernels, "a b o i p q -> (a b o) i p q"),
+                       self.conv.bias.repeat(4))  # fmt: skip
+        out = rearrange(out, "n (a b o) h w -> a b n o h w", a=2, b=2)
+        # Phase a's output for input row i sits at row i + a of the padded result.
+        phases = torch.stack([torch.stack([out[a, b, :, :, a : a + height, b : b + width] for b in (0, 1)])
+                              for a in (0, 1)])  # fmt: skip
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return rearrange(phases, "a b n o h w -> n o (h a) (w b)").contiguous(memory_format=layout)
 
 
 class Level(nn.Module):
@@ -150,9 +179,12 @@ class UNet(nn.Module):
         use_labels: bool = False,
         num_classes: int | None = None,
         null_class: bool = False,
+        subpixel_upsample: bool = True,
     ):
         """`null_class` adds one more label, `num_classes`, meaning "no class": classifier-free guidance trains it
-        by dropping labels (trainer.label_dropout) and samples with it for the unconditional prediction."""
+        by dropping labels (trainer.label_dropout) and samples with it for the unconditional prediction.
+        `subpixel_upsample` computes each upsampling's nearest-neighbour + 3x3 convolution at the low resolution
+        (the same function and weights, fewer operations; see Upsample)."""
         super().__init__()
         norm = norm or "none"
         channel_mults = list(channel_mults)
@@ -220,7 +252,7 @@ class UNet(nn.Module):
                     )
                 )
                 channels = base_channels * mult
-            self.up.append(Level(blocks, Upsample(channels) if index > 0 else None))
+            self.up.append(Level(blocks, Upsample(channels, subpixel_upsample) if index > 0 else None))
 
         self.out_norm = make_norm(norm, channels, num_groups)
         self.out_activation = ACTIVATIONS[activation]()

@@ -1,12 +1,17 @@
 """The UNet: output shapes, the DDPM paper's parameter count, and its argument checks."""
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from hydra.utils import instantiate
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import compose_config
 from ddpm.errors import ConfigError
-from ddpm.unet import UNet
+from ddpm.unet import AttentionBlock, UNet, Upsample
 
 SMALL = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, num_groups=8)
 
@@ -83,3 +88,33 @@ def test_impossible_architectures_are_rejected_naming_the_key(kwargs, message):
     arguments = dict(in_channels=3, image_size=32, base_channels=32, channel_mults=(1, 2, 2, 2), num_groups=8)
     with pytest.raises(ConfigError, match=message):
         UNet(**{**arguments, **kwargs})
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_attention_takes_the_flash_kernel_in_either_layout_and_equals_the_1x1_convolution_form(layout):
+    block = AttentionBlock(64, norm="gn", num_groups=8).to(memory_format=layout)
+    x = torch.randn(2, 64, 8, 8).contiguous(memory_format=layout)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # raises where q, k, v would need the math fallback
+        out = block(x)
+    # The textbook form: 1x1 convolutions and an explicit softmax over pixels.
+    h = block.norm(x)
+    q, k, v = rearrange(block.to_qkv(h), "b (qkv c) h w -> qkv b (h w) c", qkv=3)
+    weights = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(64), dim=-1)
+    expected = x + block.to_out(rearrange(weights @ v, "b (h w) c -> b c h w", h=8))
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_subpixel_upsampling_is_nearest_upsampling_then_the_3x3_convolution(layout):
+    upsample = Upsample(32).to(memory_format=layout)
+    x = torch.randn(2, 32, 5, 7).contiguous(memory_format=layout).requires_grad_()
+    fast = upsample(x)
+    fast.square().sum().backward()
+    fast_grads = [x.grad.clone(), upsample.conv.weight.grad.clone()]
+    x.grad, upsample.conv.weight.grad = None, None
+    plain = upsample.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+    plain.square().sum().backward()
+    assert fast.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    for got, want in zip(fast_grads, [x.grad, upsample.conv.weight.grad]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
