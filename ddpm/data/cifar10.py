@@ -33,9 +33,10 @@ def cifar10(
         )
     if split not in ("train", "test"):
         raise ConfigError(f"split={split!r} is not one of ['train', 'test']")
-    transform = to_model_range(image_size, channels, random_flip and split == "train")
+    flips = random_flip and split == "train"
+    transform = to_model_range(image_size, channels, flips)
     try:
-        return datasets.CIFAR10(root, train=split == "train", transform=transform, download=download)
+        dataset = datasets.CIFAR10(root, train=split == "train", transform=transform, download=download)
     except Exception as error:  # torchvision raises RuntimeError, URLError or OSError, depending on the failure
         raise DatasetNotFoundError(
             f"CIFAR-10 could not be loaded from dataset.root={root} ({type(error).__name__}: {error}). "
@@ -44,3 +45,5 @@ def cifar10(
             f"{Path(root) / ARCHIVE}; it is checked and extracted on the next run. To keep the data elsewhere, "
             "set the environment variable DDPM_DATA_DIR or the override paths.data_dir=DIR."
         ) from error
+    dataset.random_flip = flips  # lets ddpm.data.device do this transform itself, on the training device
+    return dataset

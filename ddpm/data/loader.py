@@ -64,25 +64,22 @@ class EpochOrder(Sampler):
             epoch, batch = epoch + 1, 0
 
 
-class TrainingBatches:
-    """Shuffled full batches of (images, labels), forever, that know their position in the data.
+class ResumableBatches:
+    """The position (epoch, batch) in an endless stream of shuffled full batches, as EpochOrder lays them out.
 
-    `state_dict()` is the position of the next batch the loop will take (not of what the workers have
-    prefetched); a new instance given that state continues exactly there.
+    `state_dict()` is the position of the next batch the loop will take (not of what was prefetched); a new
+    instance given that state continues exactly there. Subclasses turn each (seed, indices) into a batch.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, num_workers: int = 0,
-                 pin_memory: bool = False, rank: int = 0, world_size: int = 1):  # fmt: skip
-        if batch_size * world_size > len(dataset):
+    def __init__(self, num_items: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1):
+        if batch_size * world_size > num_items:
             raise ConfigError(
-                f"trainer.batch_size={batch_size * world_size} is larger than the training set ({len(dataset)} images)"
+                f"trainer.batch_size={batch_size * world_size} is larger than the training set ({num_items} images)"
             )
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.epoch, self.batch = 0, 0
-        self.batches_per_epoch = len(dataset) // (batch_size * world_size)
-        self._iterator: Iterator | None = None
+        self.batches_per_epoch = num_items // (batch_size * world_size)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batch": self.batch, "batch_size": self.batch_size, "seed": self.seed}
@@ -91,18 +88,43 @@ class TrainingBatches:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
         if self.batch >= self.batches_per_epoch:  # saved with another batch size: start the next epoch
             self.epoch, self.batch = self.epoch + 1, 0
-        self._iterator = None
+        self.restart()
 
-    def __iter__(self) -> "TrainingBatches":
+    def restart(self) -> None:
+        """Drops whatever was prepared ahead: the next batch is the one at the current position."""
+
+    def order(self) -> EpochOrder:
+        """The (seed, indices) of every batch from the current position on."""
+        return EpochOrder(self.num_items, self.batch_size, seed=self.seed, epoch=self.epoch, batch=self.batch,
+                          rank=self.rank, world_size=self.world_size)  # fmt: skip
+
+    def advance(self) -> None:
+        """Counts one batch handed to the loop."""
+        self.batch += 1
+        if self.batch == self.batches_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+
+    def __iter__(self) -> "ResumableBatches":
         return self
+
+
+class TrainingBatches(ResumableBatches):
+    """Batches of (images, labels) from a dataset, loaded by DataLoader workers (into pinned memory for a GPU)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, num_workers: int = 0,
+                 pin_memory: bool = False, rank: int = 0, world_size: int = 1):  # fmt: skip
+        super().__init__(len(dataset), batch_size, seed=seed, rank=rank, world_size=world_size)
+        self.dataset, self.num_workers, self.pin_memory = dataset, num_workers, pin_memory
+        self._iterator: Iterator | None = None
+
+    def restart(self) -> None:
+        self._iterator = None
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._iterator is None:
-            order = EpochOrder(len(self.dataset), self.batch_size, seed=self.seed, epoch=self.epoch,
-                               batch=self.batch, rank=self.rank, world_size=self.world_size)  # fmt: skip
             loader = DataLoader(
                 SeededBatches(self.dataset),
-                batch_sampler=order,
+                batch_sampler=self.order(),
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
                 # Worker seeds come from here, not from the global stream the training step draws from.
@@ -110,9 +132,7 @@ class TrainingBatches:
             )
             self._iterator = iter(loader)
         batch = next(self._iterator)
-        self.batch += 1
-        if self.batch == self.batches_per_epoch:
-            self.epoch, self.batch = self.epoch + 1, 0
+        self.advance()
         return batch
 
 
