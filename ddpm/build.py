@@ -39,8 +39,15 @@ def build_sampler(node: DictConfig) -> tuple[Callable[..., torch.Tensor], float]
 
 
 def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
-    """The `optimizer` node applied to `params`; bad hyperparameters are reported under their config keys."""
+    """The `optimizer` node applied to `params`; bad hyperparameters are reported under their config keys.
+
+    `fused: null` means fused where the optimizer has a fused kernel (Adam, AdamW and SGD do, on CPU and CUDA):
+    one kernel per step, and a non-finite step can be skipped without a host sync.
+    """
     node = cfg.optimizer
+    fused = node.get("fused")
+    if fused is not None and not isinstance(fused, bool):
+        raise ConfigError(f"optimizer.fused={fused!r} must be true, false or null (fused where available)")
     for key in ("lr", "eps", "weight_decay"):
         value = node.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
@@ -48,6 +55,8 @@ def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
     betas = node.get("betas")
     if betas is not None and (not OmegaConf.is_list(betas) or len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
         raise ConfigError(f"optimizer.betas={betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if "fused" in node and fused is None:
+        node = OmegaConf.merge(node, {"fused": True})
     try:
         return instantiate(node)(params=params)
     except (TypeError, ValueError) as error:  # whatever else the optimizer's own checks refuse

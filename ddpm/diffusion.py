@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from ddpm.ema import EMA
 from ddpm.errors import ConfigError
+from ddpm.fast_paths import AUTOCAST_DTYPES
 from ddpm.samplers import NoisePredictor, ddpm_ancestral
 
 LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss}
@@ -130,14 +131,27 @@ class GaussianDiffusion(nn.Module):
             self.ema.update(self.model)
 
     def noise_predictor(
-        self, y: torch.Tensor | None = None, *, use_ema: bool = True, guidance_scale: float = 0.0
+        self, y: torch.Tensor | None = None, *, use_ema: bool = True, guidance_scale: float = 0.0,
+        precision: str = "fp32",
     ) -> NoisePredictor:
         """The function (x_t, t) -> predicted noise that samplers call, with labels y bound.
+
+        With precision bf16 or fp16 the network runs under autocast; its prediction is returned in float32, so
+        the sampler's own arithmetic stays in float32.
 
         With guidance_scale w > 0 (classifier-free guidance, Ho & Salimans 2022) it returns
         (1 + w) eps(x, y) - w eps(x, null), both predictions from one forward pass over a doubled batch.
         """
-        network = self.ema.module if (use_ema and self.ema is not None) else self.model
+        module = self.ema.module if (use_ema and self.ema is not None) else self.model
+        if precision not in ("fp32", *AUTOCAST_DTYPES):
+            raise ConfigError(f"precision={precision!r} is not one of ['fp32', {', '.join(map(repr, AUTOCAST_DTYPES))}]")
+
+        def network(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+            if precision == "fp32":
+                return module(x, t, labels)
+            with torch.autocast(x.device.type, dtype=AUTOCAST_DTYPES[precision]):
+                return module(x, t, labels).float()
+
         if not guidance_scale:
             return lambda x, t: network(x, t, y)
         null_label = getattr(self.model, "null_label", None)
@@ -176,11 +190,13 @@ class GaussianDiffusion(nn.Module):
         callback: Callable[[dict], None] | None = None,
         progress: bool = False,
         guidance_scale: float = 0.0,
+        precision: str = "fp32",
     ) -> torch.Tensor:
         """Draws `num_samples` images in [-1, 1]; y (shape [num_samples]) picks classes when conditional.
 
         `noise` replaces the starting x_T drawn from `generator`; `sampler` is any function of the
-        signature in `ddpm.samplers`; `guidance_scale` > 0 applies classifier-free guidance.
+        signature in `ddpm.samplers`; `guidance_scale` > 0 applies classifier-free guidance; `precision` bf16 or
+        fp16 runs the network under autocast.
         """
         if noise is None:
             noise = self.initial_noise(num_samples, device, generator)
@@ -192,7 +208,7 @@ class GaussianDiffusion(nn.Module):
                 if callback is not None:
                     callback(state)
 
-            predict_noise = self.noise_predictor(y, use_ema=use_ema, guidance_scale=guidance_scale)
+            predict_noise = self.noise_predictor(y, use_ema=use_ema, guidance_scale=guidance_scale, precision=precision)
             x = sampler(predict_noise, noise, self.betas, generator=generator, callback=on_step)
         return x.clamp(-1, 1)
 

@@ -23,6 +23,7 @@ from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import ConfigError, NonFiniteError
 from ddpm.images import save_grid
 from ddpm.distributed import Ranks, any_rank, barrier, gather_to_main, sum_across_ranks
+from ddpm.fast_paths import FastPaths, autocast, grad_scaler, memory_format, optimizer_skips_on_device, step_unless_nonfinite
 from ddpm.preemption import StopSignal
 from ddpm.rng import capture_rng_state, restore_rng_state
 from ddpm.samplers import ddpm_ancestral
@@ -64,6 +65,10 @@ class TrainSettings:
     keep_checkpoints: int = 5  # periodic checkpoints kept besides last.pt; 0 = all
     skip_nonfinite: int = 0  # steps with a non-finite loss or gradient norm that may be skipped before stopping
     deterministic: bool = False  # deterministic kernels only (exact resume on GPU; slower)
+    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16 | fp16 (with a grad scaler)
+    channels_last: bool | None = None  # NHWC layout; None = on CUDA
+    compile: bool | None = None  # torch.compile the network; None = on CUDA
+    data_on_device: bool | None = None  # the training split as one tensor on the device; None = on CUDA
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -184,25 +189,59 @@ class LoopState:
     skipped_nonfinite: int = 0
     loss_sum: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(()))  # since the last log
     grad_norm_sum: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(()))
-    good_steps: int = 0  # finite steps since the last log
+    good_steps: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+    # Non-finite steps decided on the device (no host sync per step): how many so far, and the latest one.
+    faults: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+    last_fault_step: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros((), dtype=torch.long))
     interval_losses: list[float] = dataclasses.field(default_factory=list)  # one per log, for early stopping
     stopped_early: bool = False
     wall_time_s: float = 0.0  # training time of earlier processes of this run
     best_fid: float = math.inf  # trainer.eval_rate: the lowest FID so far (its checkpoint is best.pt)
     evals_since_best: int = 0
 
+    TENSORS = ("loss_sum", "grad_norm_sum", "good_steps", "faults", "last_fault_step")
+
     def to(self, device: torch.device) -> "LoopState":
-        self.loss_sum, self.grad_norm_sum = self.loss_sum.to(device), self.grad_norm_sum.to(device)
+        for name in self.TENSORS:
+            setattr(self, name, getattr(self, name).to(device))
         return self
 
     def state_dict(self) -> dict[str, Any]:
         state = dataclasses.asdict(self)
-        state["loss_sum"], state["grad_norm_sum"] = self.loss_sum.cpu(), self.grad_norm_sum.cpu()
+        state.update({name: getattr(self, name).cpu() for name in self.TENSORS})
         return state
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "LoopState":
-        return cls(**{field.name: state[field.name] for field in dataclasses.fields(cls)})
+        fields = {field.name: state[field.name] for field in dataclasses.fields(cls) if field.name in state}
+        fields.update({name: torch.as_tensor(fields[name]) for name in cls.TENSORS if name in fields})
+        return cls(**fields)
+
+    def add_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, counted: torch.Tensor, fault: torch.Tensor) -> None:
+        """Accumulates one step on the device: its loss and norm when `counted`, a fault when `fault`."""
+        self.loss_sum += torch.where(counted, loss, 0.0)
+        self.grad_norm_sum += torch.where(counted, grad_norm, 0.0)
+        self.good_steps += counted
+        self.faults += fault
+        self.last_fault_step.copy_(torch.where(fault, self.step, self.last_fault_step))
+
+
+def forward_backward(
+    step_module: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: torch.Tensor,
+    labels: torch.Tensor | None, t: torch.Tensor, noise: torch.Tensor, *, fast: FastPaths, device: torch.device,
+    max_norm: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Loss (under the chosen autocast) -> gradients -> clipped to `max_norm`: the detached loss and the gradient
+    norm before clipping, both still on the device. The optimizer step is the caller's."""
+    with autocast(fast, device):
+        loss = step_module(x, labels, t, noise)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless fp16)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        [p for group in optimizer.param_groups for p in group["params"]], max_norm, foreach=True
+    )
+    return loss.detach(), grad_norm
 
 
 def restore(resume: dict[str, Any], diffusion: GaussianDiffusion, optimizer: torch.optim.Optimizer,
@@ -246,6 +285,7 @@ def train(
     sampler: Callable[..., torch.Tensor] = ddpm_ancestral,
     guidance_scale: float = 0.0,
     evaluator: Callable[[GaussianDiffusion], float] | None = None,
+    fast: FastPaths = FastPaths(),
 ) -> dict[str, Any]:
     """Runs settings.iterations optimizer steps (or until early stopping) and returns a summary.
 
@@ -253,7 +293,8 @@ def train(
     where it stopped, bit for bit. With several `ranks`, each rank trains on its share of every global batch;
     rank 0 alone logs, samples and writes checkpoints (`logger` is only used there). Every
     `settings.eval_rate` steps, rank 0's `evaluator` gives a FID of the weights; the best one's checkpoint is
-    kept as best.pt, and `early_stop_metric=fid` stops when the FID has not improved for a while.
+    kept as best.pt, and `early_stop_metric=fid` stops when the FID has not improved for a while. `fast` holds
+    the speed switches: the network has been prepared for them (layout, compilation) by the caller.
     """
     if settings.eval_rate and ranks.is_main and evaluator is None:
         raise ValueError("trainer.eval_rate > 0 needs an evaluator (a function of the diffusion giving a FID)")
@@ -275,6 +316,12 @@ def train(
         else diffusion
     )  # fmt: skip
     stop_signal = StopSignal()
+    scaler = grad_scaler(fast, device)
+    layout = memory_format(fast)
+    # A fused optimizer (or fp16's grad scaler) skips a non-finite step on the device; the loop then learns
+    # of it at the next log or checkpoint instead of synchronizing with the device at every step.
+    skips_on_device = optimizer_skips_on_device(optimizer) or scaler.is_enabled()
+    max_norm = settings.grad_clip if settings.grad_clip > 0 else math.inf  # inf: measure, do not clip
 
     def is_periodic(step: int) -> bool:
         return settings.checkpoint_rate > 0 and step % settings.checkpoint_rate == 0
@@ -282,6 +329,7 @@ def train(
     def checkpoint(step: int) -> None:
         """Every rank takes part (random streams and running sums are gathered); rank 0 writes."""
         nonlocal last_saved
+        check_faults()
         per_rank_rng = gather_to_main(capture_rng_state(), ranks)
         sum_across_ranks(loop.loss_sum, ranks)
         if not ranks.is_main:
@@ -331,14 +379,25 @@ def train(
             log.info("early stop at step %d: no better FID in %d evaluations", step, settings.early_stop_patience)
             loop.stopped_early = True
 
-    def refuse_nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    def refuse_nonfinite(what: str) -> None:
         saved = (f"the last intact checkpoint is {last_saved[0]} (step {last_saved[1]})" if last_saved
                  else "no checkpoint has been written yet")  # fmt: skip
         raise NonFiniteError(
-            f"step {loop.step}: the loss is {loss.item():.4g} and the gradient norm {grad_norm.item():.4g}. The weights "
-            f"were not updated with it; {saved}. Lower optimizer.lr, set trainer.warmup or trainer.grad_clip, or "
-            f"let trainer.skip_nonfinite=N skip up to N such steps (now {settings.skip_nonfinite})."
+            f"{what}. The weights were not updated with it; {saved}. Lower optimizer.lr, set trainer.warmup or "
+            f"trainer.grad_clip, or let trainer.skip_nonfinite=N skip up to N such steps (now {settings.skip_nonfinite})."
         )
+
+    def check_faults() -> None:
+        """Reads the device's count of skipped non-finite steps (a host sync: at logs, checkpoints, the end)."""
+        faults = int(loop.faults.item())
+        if faults == loop.skipped_nonfinite:
+            return
+        new, loop.skipped_nonfinite = faults - loop.skipped_nonfinite, faults
+        last = int(loop.last_fault_step.item())
+        if faults > settings.skip_nonfinite:
+            refuse_nonfinite(f"step {last}: the loss or the gradient norm is not finite ({faults} such steps so far)")
+        log.warning("%d step(s) up to step %d had a non-finite loss or gradient norm and were skipped (%d of at most %d)",
+                    new, last, faults, settings.skip_nonfinite)  # fmt: skip
 
     metrics: dict[str, float] = {}
     grid_path = None
@@ -354,38 +413,42 @@ def train(
             for group, base_lr in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = warmup_lr(loop.step, base_lr, settings.warmup)
             x, y = next(batches)
-            x = x.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True, memory_format=layout)
             labels = y.to(device, non_blocking=True) if settings.use_labels else None
             t, noise = diffusion.training_noise(global_batch, device, noise_stream)
             if labels is not None and settings.label_dropout > 0:  # drawn for the global batch too
                 dropped = torch.rand(global_batch, device=device, generator=noise_stream) < settings.label_dropout
                 labels = torch.where(dropped[share], model.null_label, labels)
 
-            loss = step_module(x, labels, t[share], noise[share])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            max_norm = settings.grad_clip if settings.grad_clip > 0 else math.inf  # inf: measure, do not clip
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            loss, grad_norm = forward_backward(step_module, optimizer, scaler, x, labels, t[share],
+                                               noise[share].contiguous(memory_format=layout), fast=fast,
+                                               device=device, max_norm=max_norm)  # fmt: skip
             loop.step += 1
             interval_iterations += 1
-            # One host sync per step: a non-finite step must be caught before it reaches the weights. The
-            # gradients (so their norm) are the same on every rank, so every rank decides alike.
-            if bool(torch.isfinite(loss.detach() + grad_norm)):
+            # The gradients (so their norm) are the same on every rank, so every rank decides alike.
+            finite = torch.isfinite(loss + grad_norm)
+            if skips_on_device:
+                step_unless_nonfinite(optimizer, scaler, finite)
+                diffusion.update_ema()
+                # Under fp16 an overflowing gradient is the scaler's business; only a non-finite loss is a fault.
+                loop.add_step(loss, grad_norm, finite, ~torch.isfinite(loss) if scaler.is_enabled() else ~finite)
+            elif bool(finite):  # one host sync: a non-finite step must not reach the weights
                 optimizer.step()
                 diffusion.update_ema()
-                loop.loss_sum += loss.detach()
-                loop.grad_norm_sum += grad_norm
-                loop.good_steps += 1
+                loop.add_step(loss, grad_norm, finite, ~finite)
             else:
                 optimizer.zero_grad(set_to_none=True)
                 loop.skipped_nonfinite += 1
+                loop.faults += 1
                 if loop.skipped_nonfinite > settings.skip_nonfinite:
-                    refuse_nonfinite(loss, grad_norm)
+                    refuse_nonfinite(f"step {loop.step}: the loss is {loss.item():.4g} and the gradient norm "
+                                     f"{grad_norm.item():.4g}")  # fmt: skip
                 log.warning("step %d: non-finite loss %.4g or gradient norm %.4g; step skipped (%d of at most %d)",
                             loop.step, loss.item(), grad_norm.item(), loop.skipped_nonfinite, settings.skip_nonfinite)
             bar.update()
 
             if settings.log_rate and loop.step % settings.log_rate == 0:
+                check_faults()
                 metrics = log_interval(loop, optimizer, settings, ranks, images=interval_iterations * global_batch,
                                        seconds=time.perf_counter() - interval_start)  # fmt: skip
                 if ranks.is_main:
@@ -421,6 +484,7 @@ def train(
         stop_signal.close()
 
     step = loop.step
+    check_faults()
     if last_saved != (checkpoint_dir / "last.pt", step):  # else this step's last.pt is on disk already
         checkpoint(step)
     # Data parallelism keeps the replicas equal; say so, from a digest of each rank's weights.
@@ -455,9 +519,10 @@ def log_interval(loop: LoopState, optimizer: torch.optim.Optimizer, settings: Tr
     interval in `loop`. Every rank gets the same numbers."""
     metrics: dict[str, float] = {}
     loss_sum = sum_across_ranks(loop.loss_sum.clone(), ranks)
-    if loop.good_steps:
-        metrics["train_loss"] = loss_sum.item() / (loop.good_steps * ranks.world_size)
-        metrics["grad_norm"] = loop.grad_norm_sum.item() / loop.good_steps
+    good_steps = int(loop.good_steps.item())
+    if good_steps:
+        metrics["train_loss"] = loss_sum.item() / (good_steps * ranks.world_size)
+        metrics["grad_norm"] = loop.grad_norm_sum.item() / good_steps
         loop.interval_losses.append(metrics["train_loss"])
     metrics["lr"] = optimizer.param_groups[0]["lr"]
     metrics["images_per_s"] = images / max(seconds, 1e-9)
@@ -465,5 +530,5 @@ def log_interval(loop: LoopState, optimizer: torch.optim.Optimizer, settings: Tr
         metrics["skipped_nonfinite"] = loop.skipped_nonfinite
     loop.loss_sum.zero_()
     loop.grad_norm_sum.zero_()
-    loop.good_steps = 0
+    loop.good_steps.zero_()
     return metrics

@@ -117,6 +117,13 @@ CASES = [
          "dataset.root={empty_dir}", "cifar-10-python.tar.gz", id="cifar10-missing-data"),  # fmt: skip
     # logger: refused before wandb starts (the test checks that no wandb/ folder appears).
     case(RUN, ["logger=wandb", "logger.mode=onlin"], "logger.mode='onlin' is not one of", id="wandb-mode"),
+    case(RUN, ["trainer.precision=fp8"], "trainer.precision='fp8' is not one of", id="trainer-precision"),
+    case(RUN, ["trainer.device=cpu", "trainer.precision=fp16"], "trainer.precision=fp16 needs a CUDA device",
+         id="trainer-precision-fp16-on-cpu"),
+    case(RUN, ["trainer.compile=maybe"], "trainer.compile='maybe' must be of type", id="trainer-compile"),
+    case(RUN, ["optimizer.fused=yes"], "optimizer.fused='yes' must be true, false or null", id="optimizer-fused"),
+    case(RUN, ["task=benchmark", "benchmark.batch_size=0"], "benchmark.batch_size=0 must be an integer >= 1",
+         id="benchmark-batch-size"),
     # task=sample: checkpoint, labels, settings, and a command line that contradicts the checkpoint.
     case(SAMPLE, [], "task=sample needs checkpoint=PATH", id="sample-no-checkpoint"),
     case(SAMPLE, ["checkpoint={tmp}/missing.pt"], "checkpoint={tmp}/missing.pt does not exist",
@@ -135,6 +142,8 @@ CASES = [
     case(SAMPLE, ["checkpoint={cond}", "sample.labels=[3,12]"], "sample.labels=[3, 12]", "[12] not in 0..9",
          id="sample-label-out-of-range"),  # fmt: skip
     case(SAMPLE, ["checkpoint={cond}", "sample.labels=three"], "sample.labels='three'", id="sample-labels-str"),
+    case(SAMPLE, ["checkpoint={cond}", "sample.precision=half"], "sample.precision='half' is not one of",
+         id="sample-precision"),  # fmt: skip
     case(SAMPLE, ["checkpoint={cond}", "sample.num_images=0"], "sample.num_images=0 must be an integer >= 1",
          id="sample-num-images-zero"),  # fmt: skip
     case(SAMPLE, ["checkpoint={cond}", "sample.batch_size=abc"], "sample.batch_size='abc' must be an integer",

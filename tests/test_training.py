@@ -9,6 +9,7 @@ from ddpm.data.loader import TrainingBatches
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.ema import EMA
 from ddpm.errors import ConfigError, NonFiniteError
+from ddpm.fast_paths import FastPaths
 from ddpm.loggers import LocalLogger
 from ddpm.rng import seed_everything
 from ddpm.schedules import linear_betas
@@ -76,19 +77,21 @@ def test_training_order_depends_on_the_seed_alone():
     assert torch.equal(first, second) and not torch.equal(first, other)
 
 
-def tiny_diffusion(use_labels=True, null_class=False):
+def tiny_diffusion(use_labels=True, null_class=False, dropout=0.1):
     model = UNet(in_channels=1, image_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
-                 num_groups=8, use_labels=use_labels, num_classes=10, dropout=0.1, null_class=null_class)  # fmt: skip
+                 num_groups=8, use_labels=use_labels, num_classes=10, dropout=dropout, null_class=null_class)  # fmt: skip
     return GaussianDiffusion(model, linear_betas(50), 16, 1, ema=EMA(model, decay=0.9, start=2))
 
 
 class RecordingLogger(LocalLogger):
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, on_log=None):
         super().__init__(run_dir, {})
-        self.metrics, self.images = [], []
+        self.metrics, self.images, self.on_log = [], [], on_log
 
     def log(self, metrics, step):
         self.metrics.append((step, metrics))
+        if self.on_log is not None:
+            self.on_log(step, metrics)
 
     def log_image(self, key, path, step, caption=None):
         self.images.append((key, step))
@@ -107,20 +110,21 @@ class PoisonedBatches(TrainingBatches):
         return (torch.full_like(x, float("nan")) if self.taken in self.poisoned else x), y
 
 
-def run_loop(tmp_path, resume_from=None, poisoned_steps=(), diffusion=None, evaluator=None, **overrides):
+def run_loop(tmp_path, resume_from=None, poisoned_steps=(), diffusion=None, evaluator=None, fused=False, fast=None,
+             on_log=None, device="cpu", **overrides):  # fmt: skip
     seed_everything(0)
     diffusion = diffusion or tiny_diffusion()
     settings = TrainSettings(**{"iterations": 8, "batch_size": 16, "use_labels": True, "log_rate": 2,
-                                "checkpoint_rate": 4, "sample_rate": 0, "grid_columns": 1, "device": "cpu",
+                                "checkpoint_rate": 4, "sample_rate": 0, "grid_columns": 1, "device": device,
                                 "num_workers": 0, "test_batches": 1, **overrides})  # fmt: skip
-    logger = RecordingLogger(tmp_path)
-    optimizer = torch.optim.Adam(diffusion.model.parameters(), lr=1e-3)
+    logger = RecordingLogger(tmp_path, on_log)
+    optimizer = torch.optim.Adam(diffusion.model.parameters(), lr=1e-3, fused=fused)
     resume = load_checkpoint(resume_from) if resume_from else None
     summary = train(
         diffusion, optimizer, PoisonedBatches(poisoned_steps), settings,
-        device=torch.device("cpu"), run_dir=tmp_path, logger=logger, config={"note": "test"},
+        device=torch.device(device), run_dir=tmp_path, logger=logger, config={"note": "test"},
         test_loader=torch.utils.data.DataLoader(digits(split="test"), batch_size=16),
-        resume=resume, resume_path=resume_from, evaluator=evaluator,
+        resume=resume, resume_path=resume_from, evaluator=evaluator, fast=fast or FastPaths(),
     )  # fmt: skip
     return diffusion, logger, summary
 
@@ -157,11 +161,12 @@ def test_warmup_reaches_the_optimizer(tmp_path):
     assert [m["lr"] for _, m in logger.metrics] == pytest.approx([0.5e-3, 1e-3, 1e-3, 1e-3])
 
 
-def test_an_interrupted_loop_resumes_bit_identical(tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["for-loop-adam", "fused-adam"])
+def test_an_interrupted_loop_resumes_bit_identical(tmp_path, fused):
     """In-process version of tests/test_resume.py: 10 steps, against 6 steps resumed from step 4's checkpoint."""
-    uninterrupted, reference, _ = run_loop(tmp_path / "a", iterations=10, log_rate=3)
-    run_loop(tmp_path / "b", iterations=6, log_rate=3)
-    resumed, logger, summary = run_loop(tmp_path / "b", iterations=10, log_rate=3,
+    uninterrupted, reference, _ = run_loop(tmp_path / "a", iterations=10, log_rate=3, fused=fused)
+    run_loop(tmp_path / "b", iterations=6, log_rate=3, fused=fused)
+    resumed, logger, summary = run_loop(tmp_path / "b", iterations=10, log_rate=3, fused=fused,
                                         resume_from=tmp_path / "b" / "checkpoints" / "step_0000004.pt")
     assert summary["resumed_from_step"] == 4 and summary["steps"] == 10
     for name, tensor in uninterrupted.state_dict().items():
@@ -175,21 +180,28 @@ def test_an_interrupted_loop_resumes_bit_identical(tmp_path):
             {k: want[k] for k in ("train_loss", "test_loss", "grad_norm")}, step
 
 
-def test_a_nonfinite_step_stops_the_run_naming_the_step_and_the_last_checkpoint(tmp_path):
-    with pytest.raises(NonFiniteError, match=r"step 6: the loss is nan.*last.pt \(step 4\).*trainer.skip_nonfinite"):
-        run_loop(tmp_path, poisoned_steps=[6])
+# A for-loop Adam is checked on the host at every step; a fused one skips on the device and is checked at logs.
+ADAM_KINDS = pytest.mark.parametrize("fused", [False, True], ids=["for-loop-adam", "fused-adam"])
+
+
+@ADAM_KINDS
+def test_a_nonfinite_step_stops_the_run_naming_the_step_and_the_last_checkpoint(tmp_path, fused):
+    message = r"step 6: the loss (is nan|or the gradient norm is not finite).*last.pt \(step 4\).*trainer.skip_nonfinite"
+    with pytest.raises(NonFiniteError, match=message):
+        run_loop(tmp_path, poisoned_steps=[6], fused=fused)
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert state["step"] == 4  # the checkpoint on disk is still the last good one
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
-def test_skip_nonfinite_skips_and_counts_up_to_n_steps(tmp_path):
-    diffusion, logger, summary = run_loop(tmp_path, poisoned_steps=[3], skip_nonfinite=1)
+@ADAM_KINDS
+def test_skip_nonfinite_skips_and_counts_up_to_n_steps(tmp_path, fused):
+    diffusion, logger, summary = run_loop(tmp_path, poisoned_steps=[3], skip_nonfinite=1, fused=fused)
     assert summary["steps"] == 8 and summary["skipped_nonfinite"] == 1
     assert [m["skipped_nonfinite"] for _, m in logger.metrics] == [0, 1, 1, 1]
     assert all(torch.isfinite(t).all() for t in [*diffusion.model.parameters(), *diffusion.ema.parameters()])
     with pytest.raises(NonFiniteError, match="step 5"):
-        run_loop(tmp_path / "again", poisoned_steps=[3, 5], skip_nonfinite=1)
+        run_loop(tmp_path / "again", poisoned_steps=[3, 5], skip_nonfinite=1, fused=fused)
 
 
 def test_keep_checkpoints_prunes_the_periodic_ones(tmp_path):

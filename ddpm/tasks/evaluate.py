@@ -34,6 +34,7 @@ from ddpm.build import build_sampler, load_diffusion
 from ddpm.errors import ConfigError
 from ddpm.images import to_uint8
 from ddpm.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
+from ddpm.fast_paths import prepare_for_sampling
 from ddpm.training import resolve_device
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def generate(
         generator = torch.Generator(device).manual_seed(batch_seed(settings.seed, batch))
         x = diffusion.sample(count, device, y.to(device) if y is not None else None, use_ema=settings.use_ema,
                              generator=generator, sampler=sampler, progress=sys.stderr.isatty(),
-                             guidance_scale=guidance_scale)  # fmt: skip
+                             guidance_scale=guidance_scale, precision=settings.precision)  # fmt: skip
         images.append(to_uint8(x))
         if y is not None:
             labels.append(y.numpy())
@@ -407,6 +408,7 @@ def run(cfg: DictConfig) -> dict:
     else:
         diffusion, state = load_diffusion(to_absolute_path(cfg.checkpoint), device)
         check_dataset_matches(cfg, state["config"], cfg.checkpoint)
+        prepare_for_sampling(diffusion, device=device, precision=settings.precision, compile=settings.compile, key="eval")
         if settings.nfe_sweep is None:
             sampler, guidance_scale = build_sampler(cfg.sampler)
             source = {"checkpoint": cfg.checkpoint, "step": state["step"], "seed": settings.seed,
@@ -447,7 +449,8 @@ class FidDuringTraining:
         self.sampler = sweep_sampler("ddim", steps)
         batch_size = min(cfg.eval.batch_size, num_samples)
         self.settings = OmegaConf.create({"batch_size": batch_size, "num_samples": num_samples,
-                                          "seed": cfg.eval.seed, "use_ema": True})  # fmt: skip
+                                          "seed": cfg.eval.seed, "use_ema": True,
+                                          "precision": cfg.eval.precision})  # fmt: skip
         self.batches = range(-(-num_samples // batch_size))
 
     def __call__(self, diffusion) -> float:

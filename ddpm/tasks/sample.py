@@ -15,6 +15,7 @@ from ddpm.build import build_sampler, load_diffusion
 from ddpm.configs import describe, differences
 from ddpm.errors import ConfigError
 from ddpm.images import save_images, save_sequence_strip, to_uint8
+from ddpm.fast_paths import prepare_for_sampling
 from ddpm.training import resolve_device
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ def run(cfg: DictConfig) -> dict:
 
     diffusion, state = load_diffusion(to_absolute_path(cfg.checkpoint), device)
     check_overrides_match(cfg, state["config"], cfg.checkpoint)
+    precision = prepare_for_sampling(diffusion, device=device, precision=settings.precision, compile=settings.compile,
+                                     key="sample")  # fmt: skip
     classes = chosen_classes(cfg, diffusion.model.num_classes, cfg.checkpoint)
     sampler, guidance_scale = build_sampler(cfg.sampler)
     labels = balanced_labels(settings.num_images, classes) if classes else None
@@ -98,7 +101,7 @@ def run(cfg: DictConfig) -> dict:
         images = diffusion.sample(
             count, device, batch_labels.to(device) if batch_labels is not None else None,
             use_ema=settings.use_ema, generator=generator, sampler=sampler, progress=sys.stderr.isatty(),
-            guidance_scale=guidance_scale,
+            guidance_scale=guidance_scale, precision=precision,
         )  # fmt: skip
         pixels = to_uint8(images)
         save_images(pixels, out_dir, batch_labels.numpy() if batch_labels is not None else None, start=start)

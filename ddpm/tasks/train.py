@@ -13,9 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpm.build import build_diffusion, build_optimizer, build_sampler
 from ddpm.checkpoint import remove_temporaries
+from ddpm.data.device import DeviceBatches, in_memory_images
 from ddpm.data.loader import TrainingBatches, evaluation_batches
 from ddpm.distributed import Ranks, init_distributed, local_batch_size, rank_device, shutdown
 from ddpm.errors import ConfigError
+from ddpm.fast_paths import FastPaths, configure_backends, prepare_network, resolve_fast_paths
 from ddpm.preflight import check_storage, estimated_checkpoint_bytes
 from ddpm.resume import check_resumable, find_resume_checkpoint
 from ddpm.rng import seed_everything
@@ -49,7 +51,10 @@ def run(cfg: DictConfig) -> dict:
 def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device, ranks: Ranks, run_dir: Path,
                   checkpoint_dir: Path, config: dict) -> dict:  # fmt: skip
     batch_size = local_batch_size(settings.batch_size, ranks)
+    fast = resolve_fast_paths(device=device, precision=settings.precision, channels_last=settings.channels_last,
+                              compile=settings.compile, data_on_device=settings.data_on_device)  # fmt: skip
     use_deterministic_kernels(settings.deterministic)
+    configure_backends(device, settings.deterministic)
     train_set = instantiate(cfg.dataset, split="train")
     test_set = instantiate(cfg.dataset, split="test")
 
@@ -62,14 +67,16 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
     seed_everything(settings.seed)  # the same initial weights on every rank
     diffusion = build_diffusion(cfg).to(device)
     optimizer = build_optimizer(cfg, diffusion.model.parameters())
+    prepare_network(diffusion.model, fast)
+    if diffusion.ema is not None:  # the copy that samples
+        prepare_network(diffusion.ema.module, fast)
     sampler, guidance_scale = build_sampler(cfg.sampler)  # for the sample grids
     if guidance_scale and diffusion.model.null_label is None:
         raise ConfigError(f"sampler.guidance_scale={guidance_scale} for the sample grids needs trainer.use_labels=true "
                           "and trainer.label_dropout > 0")
     if ranks.rank:
         seed_everything(settings.seed + ranks.rank)  # but each rank its own dropout draws
-    batches = TrainingBatches(train_set, batch_size, seed=settings.seed, num_workers=settings.num_workers,
-                              pin_memory=device.type == "cuda", rank=ranks.rank, world_size=ranks.world_size)  # fmt: skip
+    batches = training_batches(train_set, batch_size, settings, fast, device, ranks)
     test_loader = (
         evaluation_batches(test_set, settings.batch_size, num_workers=settings.num_workers)
         if test_set is not None
@@ -78,7 +85,7 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
     if not ranks.is_main:  # no evaluator: rank 0 alone measures FIDs
         return train(diffusion, optimizer, batches, settings, device=device, run_dir=run_dir, logger=None,
                      config=config, resume=resume, resume_path=resume_path, ranks=ranks, sampler=sampler,
-                     guidance_scale=guidance_scale)  # fmt: skip
+                     guidance_scale=guidance_scale, fast=fast)  # fmt: skip
     check_storage(checkpoint_dir, estimated_checkpoint_bytes(diffusion.model, diffusion.ema is not None),
                   settings.keep_checkpoints)  # fmt: skip
     # The feature extractor and the reference statistics are ready (or their error shown) before the first step.
@@ -89,6 +96,8 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
     num_parameters = sum(p.numel() for p in diffusion.model.parameters())
     log.info("model: %.2fM parameters; %d training images; device %s x %d ranks; run dir %s",
              num_parameters / 1e6, len(train_set), device, ranks.world_size, run_dir)  # fmt: skip
+    log.info("fast paths: %s; optimizer fused=%s; batches from %s", fast.describe(),
+             optimizer.defaults.get("fused"), type(batches).__name__)  # fmt: skip
     if found:
         log.info("resuming from %s at step %d (trainer.resume=%s)", resume_path, resume["step"], settings.resume)
 
@@ -101,7 +110,7 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
         summary = train(
             diffusion, optimizer, batches, settings, device=device, run_dir=run_dir, logger=logger,
             config=config, test_loader=test_loader, resume=resume, resume_path=resume_path, ranks=ranks,
-            sampler=sampler, guidance_scale=guidance_scale, evaluator=evaluator,
+            sampler=sampler, guidance_scale=guidance_scale, evaluator=evaluator, fast=fast,
         )  # fmt: skip
     finally:
         logger.finish()
@@ -112,3 +121,18 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
     log.info("done: %d steps in %.0f s; checkpoint %s; samples %s",
              summary["steps"], summary["wall_time_s"], summary["checkpoint"], summary["sample_grid"])  # fmt: skip
     return summary
+
+
+def training_batches(train_set, batch_size: int, settings: TrainSettings, fast: FastPaths, device: torch.device,
+                     ranks: Ranks) -> TrainingBatches | DeviceBatches:  # fmt: skip
+    """The whole split on the device when asked for and the dataset allows it (no workers, no copies per step);
+    else DataLoader workers into pinned memory. Both give the same order and resume alike."""
+    in_memory = in_memory_images(train_set) if fast.data_on_device else None
+    if fast.data_on_device and in_memory is None and settings.data_on_device:
+        log.warning("trainer.data_on_device=true, but %s cannot be held as one tensor: using DataLoader workers",
+                    type(train_set).__name__)  # fmt: skip
+    if in_memory is not None:
+        return DeviceBatches(in_memory, batch_size, seed=settings.seed, device=device, rank=ranks.rank,
+                             world_size=ranks.world_size)  # fmt: skip
+    return TrainingBatches(train_set, batch_size, seed=settings.seed, num_workers=settings.num_workers,
+                           pin_memory=device.type == "cuda", rank=ranks.rank, world_size=ranks.world_size)  # fmt: skip

@@ -1,0 +1,129 @@
+"""The switches that make a training step fast (mixed precision, channels_last, torch.compile, data kept on the
+device), resolved to one decision each for the device at hand. The fused optimizer is `optimizer.fused`.
+
+Every switch is a `trainer.*` key whose `auto`/null value picks what pays on that device: all of them on a GPU,
+the plain fp32 eager path on a CPU, where reduced precision and channels_last do not pay.
+"""
+
+import contextlib
+import dataclasses
+import logging
+import shutil
+
+import torch
+from torch import nn
+
+from ddpm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class FastPaths:
+    """What one training process does, after `auto` has been resolved for its device."""
+
+    precision: str = "fp32"  # fp32 | bf16 | fp16: the autocast dtype of the network's forward and backward
+    channels_last: bool = False  # NHWC weights and activations (the layout tensor cores' convolutions use)
+    compile: bool = False  # torch.compile the network (and the EMA copy that samples)
+    data_on_device: bool = False  # the whole training split on the device, batches gathered and flipped there
+
+    def describe(self) -> str:
+        return ", ".join(f"{field.name}={getattr(self, field.name)}" for field in dataclasses.fields(self))
+
+
+def resolve_fast_paths(
+    *, device: torch.device, precision: str = "auto", channels_last: bool | None = None, compile: bool | None = None,
+    data_on_device: bool | None = None,
+) -> FastPaths:  # fmt: skip
+    """`auto`/None -> the device's default; an explicit choice the device cannot do is a ConfigError."""
+    cuda = device.type == "cuda"
+    if precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision!r} is not one of {list(PRECISIONS)}")
+    if precision == "auto":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not cuda:
+        raise ConfigError("trainer.precision=fp16 needs a CUDA device (float16 autocast on CPU is slow and unscaled); "
+                          "use bf16 or fp32")  # fmt: skip
+    if compile and not cuda and shutil.which("g++") is None and shutil.which("c++") is None:
+        raise ConfigError("trainer.compile=true on CPU needs a C++ compiler (g++) for torch.compile's kernels")
+    return FastPaths(
+        precision=precision,
+        channels_last=cuda if channels_last is None else channels_last,
+        compile=cuda if compile is None else compile,
+        data_on_device=cuda if data_on_device is None else data_on_device,
+    )
+
+
+def configure_backends(device: torch.device, deterministic: bool) -> None:
+    """TF32 matmuls for the fp32 parts of the step and cuDNN's autotuner, unless kernels must be deterministic."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = not deterministic
+
+
+def autocast(fast: FastPaths, device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward pass's mixed-precision context (a no-op at fp32)."""
+    if fast.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[fast.precision])
+
+
+def grad_scaler(fast: FastPaths, device: torch.device) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; bf16 and fp32 need none (a disabled scaler is a no-op)."""
+    return torch.amp.GradScaler(device.type, enabled=fast.precision == "fp16")
+
+
+def memory_format(fast: FastPaths) -> torch.memory_format:
+    return torch.channels_last if fast.channels_last else torch.contiguous_format
+
+
+def prepare_network(network: nn.Module, fast: FastPaths) -> nn.Module:
+    """Puts the weights in the chosen layout and compiles the module in place (its state_dict keys stay
+    the same, so checkpoints do not depend on the switch)."""
+    network.to(memory_format=memory_format(fast))
+    if fast.compile:
+        network.compile()
+    return network
+
+
+def optimizer_skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step` honours a `found_inf` tensor (the fused Adam/AdamW/SGD kernels do): then a
+    non-finite step is skipped on the device and the loop needs no host sync to decide it."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        group.get("fused") for group in optimizer.param_groups
+    )
+
+
+def step_unless_nonfinite(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, finite: torch.Tensor) -> None:
+    """optimizer.step(), skipped when `finite` (a device bool) is false, without reading it on the host.
+
+    fp16's scaler skips steps whose gradients overflowed by itself. Otherwise a fused optimizer reads
+    `found_inf` (the attribute torch.amp.GradScaler sets for it) and leaves weights, moments and step count as
+    they were.
+    """
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+        return
+    optimizer.grad_scale = None
+    optimizer.found_inf = (~finite).float()
+    optimizer.step()
+
+
+def prepare_for_sampling(diffusion: nn.Module, *, device: torch.device, precision: str, compile: bool | None,
+                         key: str) -> str:  # fmt: skip
+    """Readies the network that samples (the EMA copy, or the raw one) for the fast paths of a sampling task;
+    returns the precision to pass to `diffusion.sample`. `key` is the config node, for the error messages."""
+    if precision not in ("fp32", *AUTOCAST_DTYPES):
+        raise ConfigError(f"{key}.precision={precision!r} is not one of ['fp32', {', '.join(map(repr, AUTOCAST_DTYPES))}]")
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"{key}.precision=fp16 needs a CUDA device; use bf16 or fp32")
+    cuda = device.type == "cuda"
+    fast = FastPaths(precision=precision, channels_last=cuda, compile=cuda if compile is None else compile)
+    for network in {id(m): m for m in (diffusion.model, getattr(diffusion.ema, "module", None)) if m is not None}.values():
+        prepare_network(network, fast)
+    return precision
