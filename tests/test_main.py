@@ -1,5 +1,6 @@
 """End to end: `python main.py` in a subprocess, as a user runs it (tiny model, digits, CPU)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,30 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     bogus.write_text("not a checkpoint")
     result = run_main("task=sample", f"checkpoint={bogus}", f"hydra.run.dir={tmp_path / 'run'}", check=False)
     assert result.returncode == 1 and "is not a readable checkpoint" in result.stderr + result.stdout
+
+
+def test_data_on_the_device_trains_exactly_like_dataloader_workers(tmp_path):
+    """The same batches either way (the digits have no flips), so the same weights, bit for bit."""
+    steps = ["trainer.iterations=4", "trainer.log_rate=2", "trainer.checkpoint_rate=0", "logger=none",
+             "trainer.sample_at_end=false"]  # fmt: skip
+    run_main(*TINY, *steps, "trainer.data_on_device=true", f"hydra.run.dir={tmp_path / 'device'}")
+    run_main(*TINY, *steps, "trainer.data_on_device=false", f"hydra.run.dir={tmp_path / 'workers'}")
+    assert "batches from DeviceBatches" in (tmp_path / "device" / "main.log").read_text()
+    device = torch.load(tmp_path / "device" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    workers = torch.load(tmp_path / "workers" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(device[name], workers[name]) for name in workers)
+
+
+def test_benchmark_prints_a_table_and_a_json_line_and_writes_benchmark_json(tmp_path):
+    result = run_main(*TINY, "task=benchmark", "logger=none", "benchmark.batch_size=8", "benchmark.sample_batch_size=8",
+                      "benchmark.warmup_steps=1", "benchmark.steps=3", "benchmark.data_batches=3",
+                      f"hydra.run.dir={tmp_path}")  # fmt: skip
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    printed = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    assert printed == saved
+    assert "images/s" in result.stdout and "TFLOP/s" in result.stdout and "peak memory" in result.stdout
+    assert saved["train_images_per_s"] > 0 and saved["sample_images_per_s"] > 0 and saved["data_images_per_s"] > 0
+    assert saved["train_steps_timed"] == 3 and saved["batch_size"] == 8 and saved["precision"] == "fp32"
+    # FLOPs are counted, not assumed: training costs about three forward passes.
+    assert saved["train_gflop_per_image"] == pytest.approx(3 * saved["sample_gflop_per_image"], rel=0.05)
+    assert saved["train_tflops"] == pytest.approx(saved["train_gflop_per_image"] * saved["train_images_per_s"] / 1e3)
