@@ -9,8 +9,9 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -64,17 +65,16 @@ def _fsync_directory(directory: Path) -> None:
         os.close(handle)
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any], also: tuple[str | Path, ...] = ()) -> Path:
-    """Writes `state` (plus its digest) to a temporary file beside `path`, fsyncs it, then renames it to `path`:
-    never a partial file. Each path in `also` gets the same file (a hard link where the file system allows)."""
+def write_atomically(path: str | Path, write: Callable[[BinaryIO], None], also: tuple[str | Path, ...] = ()) -> Path:
+    """`write(file)` into a temporary file beside `path`, fsynced, then renamed to `path`: never a partial file,
+    also when the process is killed. Each path in `also` gets the same file (a hard link where possible)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {**state, DIGEST_KEY: content_digest(state)}
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint is an ordinary file
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; these are ordinary files
         with os.fdopen(handle, "wb") as file:
-            torch.save(state, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         for extra in map(Path, also):
@@ -85,6 +85,26 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], also: tuple[str | P
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any], also: tuple[str | Path, ...] = ()) -> Path:
+    """Writes `state` (plus its digest) atomically to `path` (see write_atomically), and to each path in `also`.
+
+    The tensors are copied to the host once, here, for both the digest and the file.
+    """
+    state = _to_cpu(state)
+    state = {**state, DIGEST_KEY: content_digest(state)}
+    return write_atomically(path, lambda file: torch.save(state, file), also)
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if type(value) in (list, tuple):  # not named tuples, whose constructors take fields
+        return type(value)(_to_cpu(item) for item in value)
+    return value
 
 
 def _umask() -> int:

@@ -90,9 +90,19 @@ def prepare_network(network: nn.Module, fast: FastPaths) -> nn.Module:
     return network
 
 
-def optimizer_skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether `optimizer.step` honours a `found_inf` tensor (the fused Adam/AdamW/SGD kernels do): then a
-    non-finite step is skipped on the device and the loop needs no host sync to decide it."""
+def prepare_diffusion(diffusion: nn.Module, fast: FastPaths) -> None:
+    """prepare_network for the trained network and for its EMA copy, the one that samples."""
+    prepare_network(diffusion.model, fast)
+    if getattr(diffusion, "ema", None) is not None:
+        prepare_network(diffusion.ema.module, fast)
+
+
+def optimizer_skips_on_device(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> bool:
+    """Whether a non-finite step is skipped on the device, so that the loop needs no host sync to decide it:
+    fp16's grad scaler does that, and so does an `optimizer.step` that honours a `found_inf` tensor (the fused
+    Adam/AdamW/SGD kernels)."""
+    if scaler is not None and scaler.is_enabled():
+        return True
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
         group.get("fused") for group in optimizer.param_groups
     )
@@ -123,7 +133,6 @@ def prepare_for_sampling(diffusion: nn.Module, *, device: torch.device, precisio
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError(f"{key}.precision=fp16 needs a CUDA device; use bf16 or fp32")
     cuda = device.type == "cuda"
-    fast = FastPaths(precision=precision, channels_last=cuda, compile=cuda if compile is None else compile)
-    for network in {id(m): m for m in (diffusion.model, getattr(diffusion.ema, "module", None)) if m is not None}.values():
-        prepare_network(network, fast)
+    prepare_diffusion(diffusion, FastPaths(precision=precision, channels_last=cuda,
+                                           compile=cuda if compile is None else compile))  # fmt: skip
     return precision

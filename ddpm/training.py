@@ -23,7 +23,10 @@ from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import ConfigError, NonFiniteError
 from ddpm.images import save_grid
 from ddpm.distributed import Ranks, any_rank, barrier, gather_to_main, sum_across_ranks
-from ddpm.fast_paths import FastPaths, autocast, grad_scaler, memory_format, optimizer_skips_on_device, step_unless_nonfinite
+from ddpm.fast_paths import (
+    FastPaths, autocast, grad_scaler, memory_format, optimizer_skips_on_device, resolve_fast_paths,
+    step_unless_nonfinite,
+)  # fmt: skip
 from ddpm.preemption import StopSignal
 from ddpm.rng import capture_rng_state, restore_rng_state
 from ddpm.samplers import ddpm_ancestral
@@ -101,6 +104,16 @@ class TrainSettings:
             raise ConfigError("trainer.resume='' must be auto, never or the path of a checkpoint")
         if self.early_stop_loss_change > 0 and self.log_rate == 0:
             raise ConfigError("trainer.early_stop_loss_change > 0 compares logged losses: set trainer.log_rate > 0")
+
+    @property
+    def max_grad_norm(self) -> float:
+        """The clipping threshold; inf (measure the norm, never clip) when grad_clip is 0."""
+        return self.grad_clip if self.grad_clip > 0 else math.inf
+
+    def fast_paths(self, device: torch.device) -> FastPaths:
+        """The speed switches resolved for `device` (auto/null -> that device's default)."""
+        return resolve_fast_paths(device=device, precision=self.precision, channels_last=self.channels_last,
+                                  compile=self.compile, data_on_device=self.data_on_device)  # fmt: skip
 
 
 def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
@@ -320,8 +333,7 @@ def train(
     layout = memory_format(fast)
     # A fused optimizer (or fp16's grad scaler) skips a non-finite step on the device; the loop then learns
     # of it at the next log or checkpoint instead of synchronizing with the device at every step.
-    skips_on_device = optimizer_skips_on_device(optimizer) or scaler.is_enabled()
-    max_norm = settings.grad_clip if settings.grad_clip > 0 else math.inf  # inf: measure, do not clip
+    skips_on_device = optimizer_skips_on_device(optimizer, scaler)
 
     def is_periodic(step: int) -> bool:
         return settings.checkpoint_rate > 0 and step % settings.checkpoint_rate == 0
@@ -422,7 +434,7 @@ def train(
 
             loss, grad_norm = forward_backward(step_module, optimizer, scaler, x, labels, t[share],
                                                noise[share].contiguous(memory_format=layout), fast=fast,
-                                               device=device, max_norm=max_norm)  # fmt: skip
+                                               device=device, max_norm=settings.max_grad_norm)  # fmt: skip
             loop.step += 1
             interval_iterations += 1
             # The gradients (so their norm) are the same on every rank, so every rank decides alike.

@@ -72,7 +72,7 @@ from ddpm.ema import EMA
 from ddpm.errors import UserError
 from ddpm.fast_paths import (
     FastPaths, configure_backends, grad_scaler, memory_format, optimizer_skips_on_device, prepare_network,
-    resolve_fast_paths, step_unless_nonfinite,
+    step_unless_nonfinite,
 )  # fmt: skip
 from ddpm.throughput import count_flops, device_name, synchronize
 from ddpm.training import TrainSettings, forward_backward, resolve_device
@@ -218,8 +218,7 @@ def make_step(side: Side, diffusion: GaussianDiffusion, x: torch.Tensor, fast: F
     """ddpm.tasks.benchmark's train_step for either side: batch on the device -> loss -> gradients clipped ->
     optimizer step (skipped on the device when non-finite, as the trainer does) -> EMA update."""
     scaler = grad_scaler(fast, device)
-    skips_on_device = optimizer_skips_on_device(side.optimizer) or scaler.is_enabled()
-    max_norm = settings.grad_clip if settings.grad_clip > 0 else float("inf")
+    skips_on_device = optimizer_skips_on_device(side.optimizer, scaler)
     layout = memory_format(fast)
     batch = x.shape[0]
 
@@ -228,7 +227,7 @@ def make_step(side: Side, diffusion: GaussianDiffusion, x: torch.Tensor, fast: F
         t, noise = diffusion.training_noise(batch, device, side.noise_stream)
         loss, grad_norm = forward_backward(side.loss_module, side.optimizer, scaler, x, None, t,
                                            noise.contiguous(memory_format=layout), fast=fast, device=device,
-                                           max_norm=max_norm)  # fmt: skip
+                                           max_norm=settings.max_grad_norm)  # fmt: skip
         if skips_on_device:
             step_unless_nonfinite(side.optimizer, scaler, torch.isfinite(loss + grad_norm))
         else:
@@ -299,8 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("compare_diffusers.py compares the unconditional model: drop trainer.use_labels=true")
     device = resolve_device(settings.device)
     configure_backends(device, deterministic=False)
-    fast = resolve_fast_paths(device=device, precision=settings.precision, channels_last=settings.channels_last,
-                              compile=settings.compile, data_on_device=settings.data_on_device)  # fmt: skip
+    fast = settings.fast_paths(device)
     load_before = os.getloadavg()
 
     # Ours: exactly what main.py trains.

@@ -4,7 +4,6 @@ shape (no dataset needed), with the same fast paths and the same step functions 
 import datetime
 import json
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -18,8 +17,7 @@ from ddpm.data.loader import TrainingBatches
 from ddpm.data.synthetic import SyntheticImages
 from ddpm.errors import ConfigError
 from ddpm.fast_paths import (
-    configure_backends, grad_scaler, memory_format, optimizer_skips_on_device, prepare_network, resolve_fast_paths,
-    step_unless_nonfinite,
+    configure_backends, grad_scaler, memory_format, optimizer_skips_on_device, prepare_diffusion, step_unless_nonfinite,
 )  # fmt: skip
 from ddpm.rng import seed_everything
 from ddpm.throughput import (
@@ -47,8 +45,7 @@ def run(cfg: DictConfig) -> dict:
     diffusion = build_diffusion(cfg).to(device)
     model = diffusion.model
     optimizer = build_optimizer(cfg, model.parameters())
-    fast = resolve_fast_paths(device=device, precision=settings.precision, channels_last=settings.channels_last,
-                              compile=settings.compile, data_on_device=settings.data_on_device)  # fmt: skip
+    fast = settings.fast_paths(device)
     batch, sample_batch = bench.batch_size, bench.sample_batch_size
     shape = (diffusion.channels, diffusion.image_size, diffusion.image_size)
     num_classes = model.num_classes
@@ -62,13 +59,10 @@ def run(cfg: DictConfig) -> dict:
     with torch.no_grad():
         sample_flops = count_flops(lambda: model(x, torch.zeros(batch, dtype=torch.long, device=device), labels)) / batch
 
-    prepare_network(model, fast)
-    if diffusion.ema is not None:
-        prepare_network(diffusion.ema.module, fast)
+    prepare_diffusion(diffusion, fast)
     layout = memory_format(fast)
     scaler = grad_scaler(fast, device)
-    skips_on_device = optimizer_skips_on_device(optimizer) or scaler.is_enabled()
-    max_norm = settings.grad_clip if settings.grad_clip > 0 else math.inf
+    skips_on_device = optimizer_skips_on_device(optimizer, scaler)
     noise_stream = torch.Generator(device).manual_seed(settings.seed)
     x = x.contiguous(memory_format=layout)
     timing = dict(device=device, max_seconds=bench.max_seconds)
@@ -81,7 +75,7 @@ def run(cfg: DictConfig) -> dict:
         t, noise = diffusion.training_noise(batch, device, noise_stream)
         loss, grad_norm = forward_backward(diffusion, optimizer, scaler, x, labels, t,
                                            noise.contiguous(memory_format=layout), fast=fast, device=device,
-                                           max_norm=max_norm)  # fmt: skip
+                                           max_norm=settings.max_grad_norm)  # fmt: skip
         if skips_on_device:
             step_unless_nonfinite(optimizer, scaler, torch.isfinite(loss + grad_norm))
         else:

@@ -16,10 +16,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpm.build import build_sampler, load_diffusion
+from ddpm.checkpoint import write_atomically
 from ddpm.errors import ConfigError
 from ddpm.images import to_uint8
 from ddpm.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
@@ -163,14 +162,10 @@ def generate(
 
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray], meta: dict | None = None) -> Path:
-    """Writes atomically (temporary file + rename): a killed job leaves no partial npz for the merge."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Writes atomically: a killed job leaves no partial npz for the merge."""
     if meta is not None:
         arrays = {**arrays, "meta": np.array(json.dumps(meta, sort_keys=True))}
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as handle:
-        np.savez(handle, **arrays)
-    os.replace(handle.name, path)
-    return path
+    return write_atomically(path, lambda file: np.savez(file, **arrays))
 
 
 def read_samples(path: str | Path) -> np.ndarray:

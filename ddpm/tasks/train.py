@@ -17,7 +17,7 @@ from ddpm.data.device import DeviceBatches, in_memory_images
 from ddpm.data.loader import TrainingBatches, evaluation_batches
 from ddpm.distributed import Ranks, init_distributed, local_batch_size, rank_device, shutdown
 from ddpm.errors import ConfigError
-from ddpm.fast_paths import FastPaths, configure_backends, prepare_network, resolve_fast_paths
+from ddpm.fast_paths import FastPaths, configure_backends, prepare_diffusion
 from ddpm.preflight import check_storage, estimated_checkpoint_bytes
 from ddpm.resume import check_resumable, find_resume_checkpoint
 from ddpm.rng import seed_everything
@@ -51,8 +51,7 @@ def run(cfg: DictConfig) -> dict:
 def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device, ranks: Ranks, run_dir: Path,
                   checkpoint_dir: Path, config: dict) -> dict:  # fmt: skip
     batch_size = local_batch_size(settings.batch_size, ranks)
-    fast = resolve_fast_paths(device=device, precision=settings.precision, channels_last=settings.channels_last,
-                              compile=settings.compile, data_on_device=settings.data_on_device)  # fmt: skip
+    fast = settings.fast_paths(device)
     use_deterministic_kernels(settings.deterministic)
     configure_backends(device, settings.deterministic)
     train_set = instantiate(cfg.dataset, split="train")
@@ -67,9 +66,7 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
     seed_everything(settings.seed)  # the same initial weights on every rank
     diffusion = build_diffusion(cfg).to(device)
     optimizer = build_optimizer(cfg, diffusion.model.parameters())
-    prepare_network(diffusion.model, fast)
-    if diffusion.ema is not None:  # the copy that samples
-        prepare_network(diffusion.ema.module, fast)
+    prepare_diffusion(diffusion, fast)
     sampler, guidance_scale = build_sampler(cfg.sampler)  # for the sample grids
     if guidance_scale and diffusion.model.null_label is None:
         raise ConfigError(f"sampler.guidance_scale={guidance_scale} for the sample grids needs trainer.use_labels=true "
