@@ -51,6 +51,11 @@ def describe(annotation: object) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+def type_error(key: str, value: object, annotation: object) -> ConfigError:
+    """The one message for a value of the wrong type."""
+    return ConfigError(f"{key}={value!r} must be of type {describe(annotation)}")
+
+
 def config_types(section: str) -> Callable:
     """Decorator: each argument that does not fit its annotation raises ConfigError naming `section.name`."""
 
@@ -62,7 +67,7 @@ def config_types(section: str) -> Callable:
         def checked(*args, **kwargs):
             for name, value in signature.bind(*args, **kwargs).arguments.items():
                 if name in hints and not matches(value, hints[name]):
-                    raise ConfigError(f"{section}.{name}={value!r} must be {describe(hints[name])}")
+                    raise type_error(f"{section}.{name}", value, hints[name])
             return function(*args, **kwargs)
 
         return checked

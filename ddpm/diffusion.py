@@ -10,8 +10,8 @@ from tqdm.auto import tqdm
 
 from ddpm.ema import EMA
 from ddpm.errors import ConfigError
-from ddpm.fast_paths import AUTOCAST_DTYPES
-from ddpm.samplers import NoisePredictor, ddpm_ancestral
+from ddpm.fast_paths import autocast, resolve_precision
+from ddpm.samplers import Generators, NoisePredictor, ddpm_ancestral, gaussian_like
 
 LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss}
 
@@ -143,14 +143,11 @@ class GaussianDiffusion(nn.Module):
         (1 + w) eps(x, y) - w eps(x, null), both predictions from one forward pass over a doubled batch.
         """
         module = self.ema.module if (use_ema and self.ema is not None) else self.model
-        if precision not in ("fp32", *AUTOCAST_DTYPES):
-            raise ConfigError(f"precision={precision!r} is not one of ['fp32', {', '.join(map(repr, AUTOCAST_DTYPES))}]")
+        precision = resolve_precision("precision", precision, self.betas.device)
 
         def network(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-            if precision == "fp32":
-                return module(x, t, labels)
-            with torch.autocast(x.device.type, dtype=AUTOCAST_DTYPES[precision]):
-                return module(x, t, labels).float()
+            with autocast(precision, x.device):
+                return module(x, t, labels).to(x.dtype)
 
         if not guidance_scale:
             return lambda x, t: network(x, t, y)
@@ -169,12 +166,10 @@ class GaussianDiffusion(nn.Module):
 
         return guided
 
-    def initial_noise(
-        self, num_samples: int, device: torch.device | str, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """x_T ~ N(0, I), the starting point of every sampler."""
+    def initial_noise(self, num_samples: int, device: torch.device | str, generator: Generators = None) -> torch.Tensor:
+        """x_T ~ N(0, I), the starting point of every sampler (one generator per image, or one for all)."""
         shape = (num_samples, self.channels, self.image_size, self.image_size)
-        return torch.randn(shape, device=device, generator=generator)
+        return gaussian_like(torch.empty(shape, device=device, dtype=self.betas.dtype), generator)
 
     @torch.no_grad()
     def sample(
@@ -184,7 +179,7 @@ class GaussianDiffusion(nn.Module):
         y: torch.Tensor | None = None,
         *,
         use_ema: bool = True,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         sampler: Callable[..., torch.Tensor] = ddpm_ancestral,
         noise: torch.Tensor | None = None,
         callback: Callable[[dict], None] | None = None,
@@ -196,14 +191,15 @@ class GaussianDiffusion(nn.Module):
 
         `noise` replaces the starting x_T drawn from `generator`; `sampler` is any function of the
         signature in `ddpm.samplers`; `guidance_scale` > 0 applies classifier-free guidance; `precision` bf16 or
-        fp16 runs the network under autocast.
+        fp16 runs the network under autocast. `generator` may be one generator per image (as
+        `ddpm.generation` passes), so that each image's randomness does not depend on the others in its batch.
         """
         if noise is None:
             noise = self.initial_noise(num_samples, device, generator)
-        steps = getattr(sampler, "keywords", {}).get("steps", self.num_timesteps)  # network calls, for the bar
-        with _eval_mode(self), tqdm(total=steps, desc="sampling", disable=not progress) as bar:
+        with _eval_mode(self), tqdm(desc="sampling", disable=not progress) as bar:
 
             def on_step(state: dict) -> None:
+                bar.total = state["steps"]  # the sampler tells how many network calls it makes
                 bar.update()
                 if callback is not None:
                     callback(state)
@@ -220,7 +216,7 @@ class GaussianDiffusion(nn.Module):
         y: torch.Tensor | None = None,
         *,
         use_ema: bool = True,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> list[torch.Tensor]:
         """The whole reverse chain [x_T, x_{T-1}, ..., x_0] on the CPU, as in the seed's API."""
         noise = self.initial_noise(num_samples, device, generator)

@@ -34,19 +34,27 @@ class FastPaths:
         return ", ".join(f"{field.name}={getattr(self, field.name)}" for field in dataclasses.fields(self))
 
 
+def resolve_precision(key: str, precision: str, device: torch.device) -> str:
+    """The one precision check, for trainer.precision, sample.precision and eval.precision: `auto` -> bf16 on a
+    GPU that has it, else fp32; a choice the device cannot do is a ConfigError naming `key`."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{key}={precision!r} is not one of {list(PRECISIONS)}")
+    cuda = device.type == "cuda"
+    if precision == "auto":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not cuda:
+        raise ConfigError(f"{key}=fp16 needs a CUDA device (float16 autocast on CPU is slow and unscaled); "
+                          "use bf16 or fp32")  # fmt: skip
+    return precision
+
+
 def resolve_fast_paths(
     *, device: torch.device, precision: str = "auto", channels_last: bool | None = None, compile: bool | None = None,
     data_on_device: bool | None = None,
 ) -> FastPaths:  # fmt: skip
     """`auto`/None -> the device's default; an explicit choice the device cannot do is a ConfigError."""
     cuda = device.type == "cuda"
-    if precision not in PRECISIONS:
-        raise ConfigError(f"trainer.precision={precision!r} is not one of {list(PRECISIONS)}")
-    if precision == "auto":
-        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp16" and not cuda:
-        raise ConfigError("trainer.precision=fp16 needs a CUDA device (float16 autocast on CPU is slow and unscaled); "
-                          "use bf16 or fp32")  # fmt: skip
+    precision = resolve_precision("trainer.precision", precision, device)
     if compile and not cuda and shutil.which("g++") is None and shutil.which("c++") is None:
         raise ConfigError("trainer.compile=true on CPU needs a C++ compiler (g++) for torch.compile's kernels")
     return FastPaths(
@@ -57,19 +65,11 @@ def resolve_fast_paths(
     )
 
 
-def configure_backends(device: torch.device, deterministic: bool) -> None:
-    """TF32 matmuls for the fp32 parts of the step and cuDNN's autotuner, unless kernels must be deterministic."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = not deterministic
-
-
-def autocast(fast: FastPaths, device: torch.device) -> contextlib.AbstractContextManager:
-    """The forward pass's mixed-precision context (a no-op at fp32)."""
-    if fast.precision == "fp32":
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """A forward pass's mixed-precision context for a resolved precision (a no-op at fp32)."""
+    if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[fast.precision])
+    return torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[precision])
 
 
 def grad_scaler(fast: FastPaths, device: torch.device) -> torch.amp.GradScaler:
@@ -97,41 +97,11 @@ def prepare_diffusion(diffusion: nn.Module, fast: FastPaths) -> None:
         prepare_network(diffusion.ema.module, fast)
 
 
-def optimizer_skips_on_device(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> bool:
-    """Whether a non-finite step is skipped on the device, so that the loop needs no host sync to decide it:
-    fp16's grad scaler does that, and so does an `optimizer.step` that honours a `found_inf` tensor (the fused
-    Adam/AdamW/SGD kernels)."""
-    if scaler is not None and scaler.is_enabled():
-        return True
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
-        group.get("fused") for group in optimizer.param_groups
-    )
-
-
-def step_unless_nonfinite(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, finite: torch.Tensor) -> None:
-    """optimizer.step(), skipped when `finite` (a device bool) is false, without reading it on the host.
-
-    fp16's scaler skips steps whose gradients overflowed by itself. Otherwise a fused optimizer reads
-    `found_inf` (the attribute torch.amp.GradScaler sets for it) and leaves weights, moments and step count as
-    they were.
-    """
-    if scaler.is_enabled():
-        scaler.step(optimizer)
-        scaler.update()
-        return
-    optimizer.grad_scale = None
-    optimizer.found_inf = (~finite).float()
-    optimizer.step()
-
-
 def prepare_for_sampling(diffusion: nn.Module, *, device: torch.device, precision: str, compile: bool | None,
                          key: str) -> str:  # fmt: skip
     """Readies the network that samples (the EMA copy, or the raw one) for the fast paths of a sampling task;
     returns the precision to pass to `diffusion.sample`. `key` is the config node, for the error messages."""
-    if precision not in ("fp32", *AUTOCAST_DTYPES):
-        raise ConfigError(f"{key}.precision={precision!r} is not one of ['fp32', {', '.join(map(repr, AUTOCAST_DTYPES))}]")
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError(f"{key}.precision=fp16 needs a CUDA device; use bf16 or fp32")
+    precision = resolve_precision(f"{key}.precision", precision, device)
     cuda = device.type == "cuda"
     prepare_diffusion(diffusion, FastPaths(precision=precision, channels_last=cuda,
                                            compile=cuda if compile is None else compile))  # fmt: skip

@@ -14,7 +14,24 @@ MODES = ("online", "offline", "disabled")
 METRICS_FILE = "metrics.jsonl"
 
 
-class LocalLogger:
+class NullLogger:
+    """Logs nothing: the logger of data-parallel ranks above 0 (rank 0 alone logs), and the base of the others."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_image(self, key: str, path: str | Path, step: int, caption: str | None = None) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue this log (saved in every checkpoint)."""
+        return {}
+
+    def finish(self) -> None:
+        pass
+
+
+class LocalLogger(NullLogger):
     """Writes every logged metric to `<run dir>/metrics.jsonl`, one JSON object per log step.
 
     On resume, the lines after the checkpoint's step (logged by the process that died) are dropped, so the
@@ -40,17 +57,6 @@ class LocalLogger:
         row = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()}}
         with open(self.path, "a") as file:
             file.write(json.dumps(row) + "\n")
-
-    def log_image(self, key: str, path: str | Path, step: int, caption: str | None = None) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to continue this log (saved in every checkpoint)."""
-        return {}
-
-    def finish(self) -> None:
-        pass
-
 
 class WandbLogger(LocalLogger):
     """Weights & Biases (and metrics.jsonl): config, metrics and images. `mode=offline` needs no account and

@@ -163,12 +163,12 @@ class InceptionFeatures:
             )
         except Exception as error:  # URLError, HTTPError, OSError, RuntimeError (hash), depending on the network
             if weights_path is not None:
-                raise ConfigError(f"eval.inception_weights={weights_path} could not be loaded: {error}") from error
+                raise ConfigError(f"fid.extractor.weights_path={weights_path} could not be loaded: {error}") from error
             target = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
             raise DatasetNotFoundError(
                 f"the Inception-v3 weights could not be downloaded ({type(error).__name__}: {error}). Without "
                 f"internet access, download {INCEPTION_WEIGHTS_FILE} from {INCEPTION_WEIGHTS_URL} on another "
-                f"machine and either pass eval.inception_weights=/path/to/{INCEPTION_WEIGHTS_FILE} or place it "
+                f"machine and either pass fid.extractor.weights_path=/path/to/{INCEPTION_WEIGHTS_FILE} or place it "
                 f"at {target} (torch's hub cache, where it is looked for first)."
             ) from error
         self.device = torch.device(device)
@@ -180,14 +180,14 @@ class InceptionFeatures:
         any code a crafted file carries, so it is read safely here first."""
         if not Path(path).is_file():
             raise ConfigError(
-                f"eval.inception_weights={path} does not exist. Download {INCEPTION_WEIGHTS_FILE} from "
-                f"{INCEPTION_WEIGHTS_URL} and place it at {path} (or point eval.inception_weights at it)."
+                f"fid.extractor.weights_path={path} does not exist. Download {INCEPTION_WEIGHTS_FILE} from "
+                f"{INCEPTION_WEIGHTS_URL} and place it at {path} (or point fid.extractor.weights_path at it)."
             )
         try:
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
             raise ConfigError(
-                f"eval.inception_weights={path} is not a weights file of plain tensors ({error}); "
+                f"fid.extractor.weights_path={path} is not a weights file of plain tensors ({error}); "
                 f"expected {INCEPTION_WEIGHTS_FILE} from {INCEPTION_WEIGHTS_URL}"
             ) from error
 
@@ -212,8 +212,8 @@ class TinyExtractor(nn.Module):
         device: str | torch.device = "cpu",
         weights_path: str | None = None,
     ):
-        """`weights_path` is ignored: accepted so that `eval.extractor._target_=ddpm.metrics.TinyExtractor`
-        alone swaps it in for InceptionFeatures, whose config node passes eval.inception_weights."""
+        """`weights_path` is ignored: accepted so that `fid.extractor._target_=ddpm.metrics.TinyExtractor` alone
+        swaps it in for InceptionFeatures, whose node has a weights_path (`fid=tiny` is the preset)."""
         super().__init__()
         self.name = f"tiny-d{dim}-c{num_classes}-s{seed}"
         generator = torch.Generator().manual_seed(seed)

@@ -13,6 +13,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
+from ddpm.distributed import Ranks
+
 log = logging.getLogger(__name__)
 
 
@@ -46,3 +51,33 @@ class StopSignal:
         if callable(previous):
             previous(self.signum, None)  # rank 0 requeues and exits; other ranks return here
         raise Preempted(f"stopped at step {step} by {signal.Signals(self.signum).name}; the checkpoint is saved")
+
+
+class StopAgreement:
+    """Whether any rank has been asked to stop, known to every rank at the same step, with no host-device sync
+    per step: each call starts a non-blocking all-reduce of this rank's flag (CPU tensors, on a gloo group of
+    its own, whatever the training backend) and reads the one started a call earlier. All ranks therefore stop
+    at the same step, one step after the first of them got the signal. One process reads its flag directly."""
+
+    def __init__(self, signal: StopSignal, ranks: Ranks):
+        self.signal, self.ranks = signal, ranks
+        self.group = dist.new_group(backend="gloo") if ranks.distributed else None
+        self.flag = torch.zeros(1)
+        self.pending: dist.Work | None = None
+
+    def __call__(self) -> bool:
+        if not self.ranks.distributed:
+            return self.signal.requested
+        agreed = False
+        if self.pending is not None:
+            self.pending.wait()  # started a step ago: long done
+            agreed = bool(self.flag.item() > 0)
+        self.flag = torch.tensor([float(self.signal.requested)])
+        self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return agreed
+
+    def close(self) -> None:
+        """Waits for the last all-reduce, so that the process group can be taken down."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None

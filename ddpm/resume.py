@@ -10,12 +10,14 @@ from ddpm.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
-# A checkpoint only continues a run of the same network, process and data; everything else may change
-# (iterations, rates, learning rate...), with a warning that the result is no longer the uninterrupted run.
+# A checkpoint only continues a run of the same network, process and data. What the run computes besides may
+# change (iterations, rates, learning rate, the grids' sampler, the FID network), with a warning that the result
+# is no longer the uninterrupted run's. Where files go (paths) and where metrics are shown (logger) may change
+# freely: they are in neither list.
 MUST_MATCH = ("model", "schedule", "diffusion", "dataset")
 MUST_MATCH_TRAINER = ("use_labels", "loss_type", "use_ema")
 MAY_MOVE = ("dataset.root", "dataset.path", "dataset.download")  # the same data, somewhere else
-IGNORED = ("paths", "logger", "task", "sample", "checkpoint", "hydra", "experiment")
+CHANGE_THE_RESULT = ("optimizer", "trainer", "sampler", "fid")
 TRAINING_STATE = ("optimizer", "loop", "data", "rng")
 
 
@@ -65,8 +67,7 @@ def check_resumable(path: Path, state: dict[str, Any], config: dict[str, Any]) -
             f"({describe(fixed)}). Continue with the checkpoint's settings, or start a new run "
             "(trainer.resume=never, or another hydra.run.dir)."
         )
-    sections = tuple(sorted((set(saved) | set(config)) - set(MUST_MATCH) - set(IGNORED)))
-    changed = [c for c in differences(saved, config, sections) if c[0] != "trainer.resume"]
+    changed = [c for c in differences(saved, config, CHANGE_THE_RESULT) if c[0] != "trainer.resume"]
     if changed:
         log.warning("continuing %s with changed settings (%s): the result will differ from the uninterrupted run",
                     path, describe(changed))  # fmt: skip

@@ -6,14 +6,16 @@ Every sampler has the same signature,
 
 where `predict_noise(x_t, t)` returns the predicted noise for integer timesteps `t` (shape [B], values in
 0..T-1), `x` is the starting noise x_T, and `betas` the noise schedule (float, length T). Randomness comes
-only from `generator`, so a seeded generator gives the same images. `callback`, when given, is called
-after every network evaluation with a dict {"i": step index, "t": timestep, "x": the new x}. Schedule
+only from `generator`, so a seeded generator gives the same images; a list of generators, one per image, makes
+each image's noise independent of the other images in the batch. `callback`, when given, is called after
+every network evaluation with a dict {"i": step index, "t": timestep, "x": the new x, "steps": the number of
+network evaluations the sampler makes in all}. Schedule
 quantities are computed in float64 and applied as Python floats, so tiny or huge betas stay finite.
 Clamping the final image to [-1, 1] is the caller's job.
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ from ddpm.errors import ConfigError
 
 NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict[str, Any]], None]
+Generators = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per image
 
 VARIANCES = ("beta", "posterior")
 SPACINGS = ("uniform", "quadratic")
@@ -30,6 +33,15 @@ SPACINGS = ("uniform", "quadratic")
 # 1 / sqrt(alpha_bar) representable when huge betas underflow alpha_bar to 0. Above MAX the noise std is
 # under 1e-6, below float32 resolution: capping it keeps 1 / sqrt(1 - alpha_bar) finite when a beta is 0.
 MIN_ALPHA_BAR, MAX_ALPHA_BAR = 1e-20, 1 - 1e-12
+
+
+def gaussian_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """N(0, I) noise of x's shape, device and dtype, from one generator or from one generator per image."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]} images")
+    return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generator])
 
 
 @config_types("sampler")
@@ -40,7 +52,7 @@ def ddpm_ancestral(
     betas: torch.Tensor,
     *,
     variance: str = "beta",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020, Algorithm 2), one network call per timestep, with
@@ -64,9 +76,9 @@ def ddpm_ancestral(
         eps = predict_noise(x, timesteps)
         x = (x - noise_coef[t] * eps) * inv_sqrt_alpha[t]
         if t > 0:
-            x = x + sigma[t] * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + sigma[t] * gaussian_like(x, generator)
         if callback is not None:
-            callback({"i": i, "t": t, "x": x})
+            callback({"i": i, "t": t, "x": x, "steps": num_timesteps})
     return x
 
 
@@ -112,7 +124,7 @@ def ddim(
     eta: float = 0.0,
     spacing: str = "uniform",
     clip_denoised: bool = True,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, Eq. 12) over `steps` timesteps; sigma = eta * sqrt(beta~) between them.
@@ -136,9 +148,9 @@ def ddim(
         # max(): 1 - a_next - sigma^2 is 0 up to rounding at eta = 1 (and below 0 for eta > 1).
         x = math.sqrt(a_next) * x0 + math.sqrt(max(1 - a_next - sigma**2, 0.0)) * eps
         if eta > 0 and i + 1 < len(timesteps):
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + sigma * gaussian_like(x, generator)
         if callback is not None:
-            callback({"i": i, "t": t, "x": x})
+            callback({"i": i, "t": t, "x": x, "steps": len(timesteps)})
     return x
 
 
@@ -151,7 +163,7 @@ def dpm_solver(
     *,
     steps: int = 20,
     clip_denoised: bool = True,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in data-prediction form on the discrete schedule.
@@ -182,5 +194,5 @@ def dpm_solver(
             x = (sigma[s] / sigma[t]) * x - (alpha[s] * math.expm1(-h)) * denoised
             previous_x0, previous_h = x0, h
         if callback is not None:
-            callback({"i": i, "t": t, "x": x})
+            callback({"i": i, "t": t, "x": x, "steps": len(timesteps)})
     return x

@@ -5,13 +5,13 @@ What it measures
 One optimizer step of each side, from a batch already on the device to the EMA update, on identical work:
 
 * ours: the model, optimizer, EMA and fast paths that `python main.py` trains with (composed from `conf/` with
-  Hydra, plus any overrides given on the command line), stepped exactly as `ddpm.tasks.benchmark` does:
-  `ddpm.training.forward_backward` (autocast forward, backward, clip to trainer.grad_clip), the optimizer step
-  (skipped on the device when non-finite, as the trainer does with a fused optimizer), `diffusion.update_ema()`.
+  Hydra, plus any overrides given on the command line), stepped by the trainer's own update,
+  `ddpm.update.UpdateStep` (autocast forward, backward, clip to trainer.grad_clip, the optimizer step skipped on
+  the device when non-finite, the EMA update), as `ddpm.tasks.benchmark` does.
 * diffusers: `diffusers.UNet2DModel` configured as the `google/ddpm-cifar10-32` architecture (built from the
   config in code; no weights are downloaded), wrapped in the same epsilon-prediction loss (our schedule's
-  q_sample, MSE to the noise) and stepped by the very same functions: same `forward_backward`, an optimizer
-  from the same `optimizer` config node (so the same Adam, lr and fused setting), the same `ddpm.ema.EMA`
+  q_sample, MSE to the noise) and stepped by the very same `UpdateStep`, with an optimizer from the same
+  `optimizer` config node (so the same Adam, lr and fused setting), the same `ddpm.ema.EMA`
   (torch._foreach_lerp_ with trainer.ema_decay), the same autocast precision, channels_last layout and
   `module.compile()`. The only difference is the network.
 
@@ -58,7 +58,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -70,12 +69,12 @@ from ddpm.build import build_diffusion, build_optimizer
 from ddpm.diffusion import GaussianDiffusion, extract
 from ddpm.ema import EMA
 from ddpm.errors import UserError
-from ddpm.fast_paths import (
-    FastPaths, configure_backends, grad_scaler, memory_format, optimizer_skips_on_device, prepare_network,
-    step_unless_nonfinite,
-)  # fmt: skip
+from ddpm.devices import configure_backends, resolve_device
+from ddpm.fast_paths import FastPaths, memory_format, prepare_network
 from ddpm.throughput import count_flops, device_name, synchronize
-from ddpm.training import TrainSettings, forward_backward, resolve_device
+from ddpm.train_settings import TrainSettings
+from ddpm.update import UpdateStep
+from ddpm.validation import build_settings
 
 EXPECTED_PARAMETERS = 35_746_307  # ddpm.unet.UNet() at its defaults; printed for reference
 
@@ -215,24 +214,17 @@ class Side:
 
 def make_step(side: Side, diffusion: GaussianDiffusion, x: torch.Tensor, fast: FastPaths, device: torch.device,
               settings: TrainSettings) -> Callable[[], None]:  # fmt: skip
-    """ddpm.tasks.benchmark's train_step for either side: batch on the device -> loss -> gradients clipped ->
-    optimizer step (skipped on the device when non-finite, as the trainer does) -> EMA update."""
-    scaler = grad_scaler(fast, device)
-    skips_on_device = optimizer_skips_on_device(side.optimizer, scaler)
+    """ddpm.tasks.benchmark's train_step for either side: batch on the device -> the trainer's UpdateStep (loss,
+    gradients clipped, optimizer step skipped on the device when non-finite, EMA update)."""
+    update = UpdateStep(side.loss_module, side.optimizer, side.ema_update, fast=fast, device=device,
+                        max_grad_norm=settings.max_grad_norm)  # fmt: skip
     layout = memory_format(fast)
     batch = x.shape[0]
 
     def step() -> None:
         # Same generator seed on both sides: identical timesteps and noise at every step.
         t, noise = diffusion.training_noise(batch, device, side.noise_stream)
-        loss, grad_norm = forward_backward(side.loss_module, side.optimizer, scaler, x, None, t,
-                                           noise.contiguous(memory_format=layout), fast=fast, device=device,
-                                           max_norm=settings.max_grad_norm)  # fmt: skip
-        if skips_on_device:
-            step_unless_nonfinite(side.optimizer, scaler, torch.isfinite(loss + grad_norm))
-        else:
-            side.optimizer.step()
-        side.ema_update()
+        update(x, None, t, noise.contiguous(memory_format=layout))
 
     return step
 
@@ -293,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cfg = compose_config(args)
-    settings: TrainSettings = instantiate(cfg.trainer)
+    settings: TrainSettings = build_settings(cfg.trainer)
     if settings.use_labels:
         raise SystemExit("compare_diffusers.py compares the unconditional model: drop trainer.use_labels=true")
     device = resolve_device(settings.device)

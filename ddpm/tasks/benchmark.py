@@ -1,43 +1,54 @@
 """task=benchmark: training and sampling throughput of the configured model, on synthetic data of the dataset's
 shape (no dataset needed), with the same fast paths and the same step functions the trainer uses."""
 
+import dataclasses
 import datetime
 import json
 import logging
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from ddpm.build import build_diffusion, build_optimizer
 from ddpm.data.device import DeviceBatches, InMemoryImages
 from ddpm.data.loader import TrainingBatches
 from ddpm.data.synthetic import SyntheticImages
-from ddpm.errors import ConfigError
-from ddpm.fast_paths import (
-    configure_backends, grad_scaler, memory_format, optimizer_skips_on_device, prepare_diffusion, step_unless_nonfinite,
-)  # fmt: skip
+from ddpm.devices import configure_backends, resolve_device
+from ddpm.fast_paths import memory_format, prepare_diffusion
 from ddpm.rng import seed_everything
 from ddpm.throughput import (
     count_flops, device_name, peak_memory_gib, peak_tflops, reset_peak_memory, synchronize, time_calls,
 )  # fmt: skip
-from ddpm.training import TrainSettings, forward_backward, resolve_device
+from ddpm.train_settings import TrainSettings
+from ddpm.update import UpdateStep
+from ddpm.validation import Validated, at_least, build_settings
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class BenchmarkSettings(Validated):
+    """The `benchmark` node of conf/task/benchmark.yaml."""
+
+    SECTION: ClassVar[str] = "benchmark"
+
+    batch_size: int = at_least(1, 128)
+    sample_batch_size: int = at_least(1, 256)
+    warmup_steps: int = at_least(0, 5)  # untimed steps first (torch.compile compiles during these)
+    steps: int = at_least(1, 20)  # timed steps of each kind, or fewer when they take longer than max_seconds
+    max_seconds: float = at_least(1e-3, 60.0)
+    data_batches: int = at_least(1, 50)
+    device: str = "auto"
 
 
 def run(cfg: DictConfig) -> dict:
     """YAML -> settings -> diffusion -> optimizer -> FLOPs (eager) -> fast paths -> timings: data, training step,
     sampling step -> table, JSON line and <run dir>/benchmark.json."""
-    bench = cfg.benchmark
-    for key in ("batch_size", "sample_batch_size", "steps", "data_batches"):
-        if not isinstance(bench[key], int) or isinstance(bench[key], bool) or bench[key] < 1:
-            raise ConfigError(f"benchmark.{key}={bench[key]!r} must be an integer >= 1")
-    if bench.warmup_steps < 0 or bench.max_seconds <= 0:
-        raise ConfigError("benchmark.warmup_steps must be >= 0 and benchmark.max_seconds > 0")
-    settings: TrainSettings = instantiate(cfg.trainer)
+    bench: BenchmarkSettings = build_settings(cfg.benchmark)
+    settings: TrainSettings = build_settings(cfg.trainer)
     device = resolve_device(bench.device, "benchmark.device")
     configure_backends(device, deterministic=False)
     seed_everything(settings.seed)
@@ -61,8 +72,8 @@ def run(cfg: DictConfig) -> dict:
 
     prepare_diffusion(diffusion, fast)
     layout = memory_format(fast)
-    scaler = grad_scaler(fast, device)
-    skips_on_device = optimizer_skips_on_device(optimizer, scaler)
+    update = UpdateStep(diffusion, optimizer, diffusion.update_ema, fast=fast, device=device,
+                        max_grad_norm=settings.max_grad_norm)  # fmt: skip
     noise_stream = torch.Generator(device).manual_seed(settings.seed)
     x = x.contiguous(memory_format=layout)
     timing = dict(device=device, max_seconds=bench.max_seconds)
@@ -73,14 +84,7 @@ def run(cfg: DictConfig) -> dict:
     def train_step() -> None:
         """What the trainer does per step, from a batch already on the device to the EMA update."""
         t, noise = diffusion.training_noise(batch, device, noise_stream)
-        loss, grad_norm = forward_backward(diffusion, optimizer, scaler, x, labels, t,
-                                           noise.contiguous(memory_format=layout), fast=fast, device=device,
-                                           max_norm=settings.max_grad_norm)  # fmt: skip
-        if skips_on_device:
-            step_unless_nonfinite(optimizer, scaler, torch.isfinite(loss + grad_norm))
-        else:
-            optimizer.step()
-        diffusion.update_ema()
+        update(x, labels, t, noise.contiguous(memory_format=layout))
 
     predict = diffusion.noise_predictor(sample_labels, precision=fast.precision)
     x_sample = torch.randn(sample_batch, *shape, device=device).contiguous(memory_format=layout)
@@ -135,7 +139,7 @@ def run(cfg: DictConfig) -> dict:
     return result
 
 
-def synthetic_batches(bench: DictConfig, shape: tuple[int, int, int], num_classes: int, on_device: bool,
+def synthetic_batches(bench: BenchmarkSettings, shape: tuple[int, int, int], num_classes: int, on_device: bool,
                       settings: TrainSettings, device: torch.device) -> DeviceBatches | TrainingBatches:  # fmt: skip
     """Random images through the data path training would take: one tensor on the device, or PIL images
     decoded and transformed in DataLoader workers, as CIFAR-10's are."""

@@ -1,11 +1,11 @@
 """task=sample: images from a trained checkpoint, as PNG files and a guided-diffusion style samples.npz."""
 
+import dataclasses
 import logging
-import math
-import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
-import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
@@ -13,36 +13,48 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpm.build import build_sampler, load_diffusion
 from ddpm.configs import describe, differences
+from ddpm.devices import resolve_device
 from ddpm.errors import ConfigError
-from ddpm.images import save_images, save_sequence_strip, to_uint8
+from ddpm.evaluation.samples import save_npz
 from ddpm.fast_paths import prepare_for_sampling
-from ddpm.training import resolve_device
+from ddpm.generation import ImageBatch, as_arrays, balanced_labels, draw_images
+from ddpm.images import save_images, save_sequence_strip
+from ddpm.validation import Validated, at_least, build_settings
 
 log = logging.getLogger(__name__)
 
 
-def balanced_labels(num_images: int, classes: list[int]) -> torch.Tensor:
-    """An equal share of images per class (1000 images, 10 classes -> 100 each), in the order given."""
-    return torch.tensor(classes).repeat_interleave(math.ceil(num_images / len(classes)))[:num_images]
+@dataclasses.dataclass
+class SampleSettings(Validated):
+    """The `sample` node of conf/task/sample.yaml."""
+
+    SECTION: ClassVar[str] = "sample"
+
+    num_images: int = at_least(1, 1000)
+    batch_size: int = at_least(1, 250)
+    seed: int = 0
+    out_dir: str | None = None
+    use_ema: bool = True
+    labels: list[int] | None = None
+    device: str = "auto"
+    sequence: bool = False
+    sequence_frames: int = at_least(1, 10)
+    precision: str = "fp32"
+    compile: bool | None = None
+
+    def check(self) -> None:
+        if self.labels is not None and not self.labels:
+            raise ConfigError("sample.labels=[] must be null (every class) or a list of class indices, e.g. [3, 7]")
 
 
-def check_settings(cfg: DictConfig) -> None:
+def check_settings(cfg: DictConfig) -> SampleSettings:
     if cfg.checkpoint is None:
         raise ConfigError("task=sample needs checkpoint=PATH (e.g. outputs/runs/.../checkpoints/last.pt)")
-    for key in ("num_images", "batch_size", "sequence_frames"):
-        value = cfg.sample[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"sample.{key}={value!r} must be an integer >= 1")
-    labels = cfg.sample.labels
-    if labels is not None and (
-        not OmegaConf.is_list(labels) or not labels or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels)
-    ):
-        raise ConfigError(f"sample.labels={labels!r} must be null (every class) or a list of class indices, e.g. [3, 7]")
+    return build_settings(cfg.sample)
 
 
-def chosen_classes(cfg: DictConfig, num_classes: int | None, checkpoint: str) -> list[int] | None:
+def chosen_classes(wanted: list[int] | None, num_classes: int | None, checkpoint: str) -> list[int] | None:
     """The classes to draw: sample.labels, or every class of a conditional checkpoint, or None."""
-    wanted = cfg.sample.labels
     if wanted is None:
         return list(range(num_classes)) if num_classes else None
     if not num_classes:
@@ -75,10 +87,17 @@ def check_overrides_match(cfg: DictConfig, checkpoint_config: dict, checkpoint: 
             )
 
 
+def saved_as_pngs(batches: Iterator[ImageBatch], out_dir: Path, total: int) -> Iterator[ImageBatch]:
+    """Passes the batches on, each saved as numbered PNG files first."""
+    for batch in batches:
+        save_images(batch.pixels, out_dir, batch.labels.numpy() if batch.labels is not None else None, start=batch.start)
+        log.info("%d/%d images", batch.start + len(batch.pixels), total)
+        yield batch
+
+
 def run(cfg: DictConfig) -> dict:
     """checkpoint -> diffusion (EMA weights) -> sampler -> batches of images -> PNG files and samples.npz."""
-    check_settings(cfg)
-    settings = cfg.sample
+    settings = check_settings(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     out_dir = Path(to_absolute_path(settings.out_dir)) if settings.out_dir else run_dir / "samples"
     device = resolve_device(settings.device, key="sample.device")
@@ -87,32 +106,18 @@ def run(cfg: DictConfig) -> dict:
     check_overrides_match(cfg, state["config"], cfg.checkpoint)
     precision = prepare_for_sampling(diffusion, device=device, precision=settings.precision, compile=settings.compile,
                                      key="sample")  # fmt: skip
-    classes = chosen_classes(cfg, diffusion.model.num_classes, cfg.checkpoint)
+    classes = chosen_classes(settings.labels, diffusion.model.num_classes, cfg.checkpoint)
     sampler, guidance_scale = build_sampler(cfg.sampler)
     labels = balanced_labels(settings.num_images, classes) if classes else None
     log.info("sampling %d images from %s (step %d, %s weights) into %s", settings.num_images, cfg.checkpoint,
              state["step"], "EMA" if settings.use_ema and diffusion.ema else "raw", out_dir)  # fmt: skip
 
-    generator = torch.Generator(device).manual_seed(settings.seed)
-    batches = []
-    for start in range(0, settings.num_images, settings.batch_size):
-        count = min(settings.batch_size, settings.num_images - start)
-        batch_labels = labels[start : start + count] if labels is not None else None
-        images = diffusion.sample(
-            count, device, batch_labels.to(device) if batch_labels is not None else None,
-            use_ema=settings.use_ema, generator=generator, sampler=sampler, progress=sys.stderr.isatty(),
-            guidance_scale=guidance_scale, precision=precision,
-        )  # fmt: skip
-        pixels = to_uint8(images)
-        save_images(pixels, out_dir, batch_labels.numpy() if batch_labels is not None else None, start=start)
-        batches.append(pixels)
-        log.info("%d/%d images", start + count, settings.num_images)
-
-    arrays = {"arr_0": np.concatenate(batches)}
-    if labels is not None:
-        arrays["arr_1"] = labels.numpy()
-    np.savez(out_dir / "samples.npz", **arrays)
-    result = {"out_dir": str(out_dir), "npz": str(out_dir / "samples.npz"), "shape": list(arrays["arr_0"].shape)}
+    batches = draw_images(diffusion, sampler, images=range(settings.num_images), batch_size=settings.batch_size,
+                          seed=settings.seed, device=device, labels=labels, use_ema=settings.use_ema,
+                          guidance_scale=guidance_scale, precision=precision)  # fmt: skip
+    arrays = as_arrays(saved_as_pngs(batches, out_dir, settings.num_images))
+    npz = save_npz(out_dir / "samples.npz", arrays)
+    result = {"out_dir": str(out_dir), "npz": str(npz), "shape": list(arrays["arr_0"].shape)}
 
     if settings.sequence:
         count = min(settings.num_images, 8)

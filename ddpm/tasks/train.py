@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import torch
-
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
@@ -15,53 +14,53 @@ from ddpm.build import build_diffusion, build_optimizer, build_sampler
 from ddpm.checkpoint import remove_temporaries
 from ddpm.data.device import DeviceBatches, in_memory_images
 from ddpm.data.loader import TrainingBatches, evaluation_batches
+from ddpm.devices import configure_backends, resolve_device
 from ddpm.distributed import Ranks, init_distributed, local_batch_size, rank_device, shutdown
 from ddpm.errors import ConfigError
-from ddpm.fast_paths import FastPaths, configure_backends, prepare_diffusion
+from ddpm.evaluation.during_training import FidDuringTraining
+from ddpm.fast_paths import FastPaths, prepare_diffusion
 from ddpm.preflight import check_storage, estimated_checkpoint_bytes
 from ddpm.resume import check_resumable, find_resume_checkpoint
 from ddpm.rng import seed_everything
-from ddpm.tasks.evaluate import FidDuringTraining
-from ddpm.training import TrainSettings, resolve_device, train, use_deterministic_kernels
+from ddpm.train_settings import TrainSettings
+from ddpm.training import train
+from ddpm.training_setup import build_training
+from ddpm.validation import build_settings
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict:
-    """YAML -> settings -> ranks -> data -> checkpoint to resume -> diffusion -> optimizer -> preflight -> logger
-    -> loop.
-
-    Everything that can be wrong with the config, the data, the checkpoint or the disk is found before the
-    first step, and nothing in the run directory is written before that. With several ranks (torchrun, or a
-    SLURM job with several tasks) every rank runs this; rank 0 alone writes.
-    """
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    checkpoint_dir = run_dir / "checkpoints"
-    config = OmegaConf.to_container(cfg, resolve=True)
-
-    settings: TrainSettings = instantiate(cfg.trainer)
+    """Joins the other ranks when there are several (torchrun, or a SLURM job with several tasks; every rank
+    runs this), trains, and leaves the process group again."""
+    settings: TrainSettings = build_settings(cfg.trainer)
     device = resolve_device(settings.device)
     ranks = init_distributed(device)
     try:
-        return train_as_rank(cfg, settings, rank_device(device, ranks), ranks, run_dir, checkpoint_dir, config)
+        return train_as_rank(cfg, settings, rank_device(device, ranks), ranks)
     finally:
         shutdown(ranks)
 
 
-def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device, ranks: Ranks, run_dir: Path,
-                  checkpoint_dir: Path, config: dict) -> dict:  # fmt: skip
-    batch_size = local_batch_size(settings.batch_size, ranks)
+def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device, ranks: Ranks) -> dict:
+    """YAML -> data -> checkpoint to resume -> diffusion -> optimizer -> fast paths -> sampler -> batches ->
+    preflight, evaluator, logger (rank 0) -> the loop's parts -> the loop -> summary.json.
+
+    Everything that can be wrong with the config, the data, the checkpoint or the disk is found before the
+    first step, and nothing in the run directory is written before that.
+    """
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    checkpoint_dir = run_dir / "checkpoints"
+    config = OmegaConf.to_container(cfg, resolve=True)
     fast = settings.fast_paths(device)
-    use_deterministic_kernels(settings.deterministic)
     configure_backends(device, settings.deterministic)
     train_set = instantiate(cfg.dataset, split="train")
     test_set = instantiate(cfg.dataset, split="test")
 
     resume_setting = settings.resume if settings.resume in ("auto", "never") else to_absolute_path(settings.resume)
-    found = find_resume_checkpoint(resume_setting, checkpoint_dir)
-    resume_path, resume = found if found else (None, None)
-    if found:
-        check_resumable(resume_path, resume, config)
+    resume = find_resume_checkpoint(resume_setting, checkpoint_dir)
+    if resume:
+        check_resumable(*resume, config)
 
     seed_everything(settings.seed)  # the same initial weights on every rank
     diffusion = build_diffusion(cfg).to(device)
@@ -73,50 +72,44 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
                           "and trainer.label_dropout > 0")
     if ranks.rank:
         seed_everything(settings.seed + ranks.rank)  # but each rank its own dropout draws
-    batches = training_batches(train_set, batch_size, settings, fast, device, ranks)
+    batches = training_batches(train_set, local_batch_size(settings.batch_size, ranks), settings, fast, device, ranks)
     test_loader = (
         evaluation_batches(test_set, settings.batch_size, num_workers=settings.num_workers)
         if test_set is not None
         else None
-    )
-    if not ranks.is_main:  # no evaluator: rank 0 alone measures FIDs
-        return train(diffusion, optimizer, batches, settings, device=device, run_dir=run_dir, logger=None,
-                     config=config, resume=resume, resume_path=resume_path, ranks=ranks, sampler=sampler,
-                     guidance_scale=guidance_scale, fast=fast)  # fmt: skip
-    check_storage(checkpoint_dir, estimated_checkpoint_bytes(diffusion.model, diffusion.ema is not None),
-                  settings.keep_checkpoints)  # fmt: skip
-    # The feature extractor and the reference statistics are ready (or their error shown) before the first step.
-    evaluator = FidDuringTraining(cfg, device, settings.eval_samples, settings.eval_steps) if settings.eval_rate else None
-    for leftover in remove_temporaries(checkpoint_dir):
-        log.info("removed %s, left by a checkpoint write that was interrupted", leftover.name)
-
-    num_parameters = sum(p.numel() for p in diffusion.model.parameters())
-    log.info("model: %.2fM parameters; %d training images; device %s x %d ranks; run dir %s",
-             num_parameters / 1e6, len(train_set), device, ranks.world_size, run_dir)  # fmt: skip
-    log.info("fast paths: %s; optimizer fused=%s; batches from %s", fast.describe(),
-             optimizer.defaults.get("fused"), type(batches).__name__)  # fmt: skip
-    if found:
-        log.info("resuming from %s at step %d (trainer.resume=%s)", resume_path, resume["step"], settings.resume)
-
-    logger = instantiate(cfg.logger)(
-        run_dir=run_dir, config=config,
-        resume_step=resume["step"] if found else None, resume_state=resume.get("logger") if found else None,
     )  # fmt: skip
-    OmegaConf.save(config, run_dir / "config.yaml")  # only now: a failed start leaves the run's files alone
-    try:
-        summary = train(
-            diffusion, optimizer, batches, settings, device=device, run_dir=run_dir, logger=logger,
-            config=config, test_loader=test_loader, resume=resume, resume_path=resume_path, ranks=ranks,
-            sampler=sampler, guidance_scale=guidance_scale, evaluator=evaluator, fast=fast,
+
+    evaluator, logger = None, None
+    if ranks.is_main:  # rank 0 alone measures FIDs, logs and writes
+        check_storage(checkpoint_dir, estimated_checkpoint_bytes(diffusion.model, diffusion.ema is not None),
+                      settings.keep_checkpoints)  # fmt: skip
+        # The feature extractor and the reference statistics are ready (or their error shown) before the first step.
+        evaluator = (
+            FidDuringTraining(build_settings(cfg.fid), cfg.dataset, cfg.paths.data_dir, device=device,
+                              num_samples=settings.eval_samples, steps=settings.eval_steps,
+                              batch_size=settings.eval_batch_size)
+            if settings.eval_rate
+            else None
         )  # fmt: skip
+        for leftover in remove_temporaries(checkpoint_dir):
+            log.info("removed %s, left by a checkpoint write that was interrupted", leftover.name)
+        log_start(diffusion, optimizer, batches, len(train_set), fast, device, ranks, run_dir, resume, settings)
+        logger = instantiate(cfg.logger)(
+            run_dir=run_dir, config=config,
+            resume_step=resume[1]["step"] if resume else None, resume_state=resume[1].get("logger") if resume else None,
+        )  # fmt: skip
+        OmegaConf.save(config, run_dir / "config.yaml")  # only now: a failed start leaves the run's files alone
+
+    try:
+        with build_training(diffusion, optimizer, batches, settings, fast=fast, device=device, run_dir=run_dir,
+                            config=config, logger=logger, ranks=ranks, resume=resume, test_loader=test_loader,
+                            sampler=sampler, guidance_scale=guidance_scale, evaluator=evaluator) as parts:  # fmt: skip
+            summary = train(parts, settings)
     finally:
-        logger.finish()
-    summary["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")
-    summary["slurm_array_job_id"] = os.environ.get("SLURM_ARRAY_JOB_ID")
-    summary["slurm_restart_count"] = int(os.environ.get("SLURM_RESTART_COUNT", 0))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("done: %d steps in %.0f s; checkpoint %s; samples %s",
-             summary["steps"], summary["wall_time_s"], summary["checkpoint"], summary["sample_grid"])  # fmt: skip
+        if logger is not None:
+            logger.finish()
+    if ranks.is_main:
+        write_summary(summary, run_dir)
     return summary
 
 
@@ -133,3 +126,24 @@ def training_batches(train_set, batch_size: int, settings: TrainSettings, fast: 
                              world_size=ranks.world_size)  # fmt: skip
     return TrainingBatches(train_set, batch_size, seed=settings.seed, num_workers=settings.num_workers,
                            pin_memory=device.type == "cuda", rank=ranks.rank, world_size=ranks.world_size)  # fmt: skip
+
+
+def log_start(diffusion, optimizer, batches, num_images: int, fast: FastPaths, device: torch.device, ranks: Ranks,
+              run_dir: Path, resume, settings: TrainSettings) -> None:  # fmt: skip
+    num_parameters = sum(p.numel() for p in diffusion.model.parameters())
+    log.info("model: %.2fM parameters; %d training images; device %s x %d ranks; run dir %s",
+             num_parameters / 1e6, num_images, device, ranks.world_size, run_dir)  # fmt: skip
+    log.info("fast paths: %s; optimizer fused=%s; batches from %s", fast.describe(),
+             optimizer.defaults.get("fused"), type(batches).__name__)  # fmt: skip
+    if resume:
+        log.info("resuming from %s at step %d (trainer.resume=%s)", resume[0], resume[1]["step"], settings.resume)
+
+
+def write_summary(summary: dict, run_dir: Path) -> None:
+    """summary.json, with the SLURM job it ran in (the sweep summary reads it)."""
+    summary["slurm_job_id"] = os.environ.get("SLURM_JOB_ID")
+    summary["slurm_array_job_id"] = os.environ.get("SLURM_ARRAY_JOB_ID")
+    summary["slurm_restart_count"] = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("done: %d steps in %.0f s; checkpoint %s; samples %s",
+             summary["steps"], summary["wall_time_s"], summary["checkpoint"], summary["sample_grid"])  # fmt: skip

@@ -1,0 +1,39 @@
+"""FID during training (`trainer.eval_rate`): a cheap FID of the EMA weights every N steps."""
+
+from functools import partial
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.evaluation.reference import reference_statistics
+from ddpm.evaluation.scores import image_metrics
+from ddpm.evaluation.settings import FidSettings
+from ddpm.generation import as_arrays, balanced_labels, draw_images
+from ddpm.samplers import ddim
+
+
+class FidDuringTraining:
+    """`num_samples` images from DDIM with `steps` steps, against the same cached reference statistics as
+    task=evaluate, with the feature extractor on the training device. Images come from fixed seeds, so
+    successive values differ only by the weights, and the training's random streams are not touched."""
+
+    def __init__(self, fid: FidSettings, dataset: DictConfig, data_dir: str, *, device: torch.device,
+                 num_samples: int, steps: int, batch_size: int):  # fmt: skip
+        self.fid, self.device, self.num_samples, self.batch_size = fid, device, num_samples, batch_size
+        self.extractor = fid.build_extractor(device)
+        self.reference = reference_statistics(fid, dataset, data_dir, self.extractor)
+        self.sampler = partial(ddim, steps=steps)
+
+    def images(self, diffusion: GaussianDiffusion) -> np.ndarray:
+        num_classes = diffusion.model.num_classes
+        labels = balanced_labels(self.num_samples, list(range(num_classes))) if num_classes else None
+        batches = draw_images(diffusion, self.sampler, images=range(self.num_samples), batch_size=self.batch_size,
+                              seed=0, device=self.device, labels=labels)  # fmt: skip
+        return as_arrays(batches)["arr_0"]
+
+    def __call__(self, diffusion: GaussianDiffusion) -> float:
+        metrics = image_metrics(self.images(diffusion), self.extractor, self.reference,
+                                feature_batch_size=self.fid.batch_size, is_splits=None)  # fmt: skip
+        return metrics["fid"]

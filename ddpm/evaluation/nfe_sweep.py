@@ -1,0 +1,89 @@
+"""eval.nfe_sweep: sample quality against the number of network evaluations, for every sampler of
+eval.nfe_samplers at every step count, as a CSV, a markdown table and a plot."""
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+
+from ddpm.errors import ConfigError
+from ddpm.evaluation.settings import SWEEP_SAMPLERS
+
+log = logging.getLogger(__name__)
+COLUMNS = ["sampler", "steps", "nfe", "fid", "inception_score", "precision", "recall"]
+
+
+def sweep_points(names: list[str], steps: list[int], num_timesteps: int) -> list[tuple[str, int | None]]:
+    """(sampler, steps) pairs: the step samplers at every count up to T, ddpm once at T."""
+    points = []
+    for name in names:
+        if name == "ddpm":
+            points.append((name, None))
+            continue
+        for count in steps:
+            if count > num_timesteps:
+                log.warning("eval.nfe_sweep: %s with %d steps skipped (the schedule has %d)", name, count, num_timesteps)
+            else:
+                points.append((name, count))
+    return points
+
+
+def sweep_sampler(name: str, steps: int | None):
+    """The sampler function of a sweep point, imported only now: a sampler not in ddpm.samplers yet is a
+    clear error, not an ImportError at the start."""
+    node = {"_target_": SWEEP_SAMPLERS[name], "_partial_": True}
+    if steps is not None:
+        node["steps"] = steps
+    try:
+        return instantiate(node)
+    except Exception as error:
+        raise ConfigError(f"eval.nfe_samplers contains {name}, but {SWEEP_SAMPLERS[name]} cannot be built: {error}") from error
+
+
+class CountingSampler:
+    """Wraps a sampler to count network evaluations, so the sweep reports the NFE actually spent."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.calls = 0
+
+    def count(self, predict_noise, x_t, t):
+        self.calls += 1
+        return predict_noise(x_t, t)
+
+    def __call__(self, predict_noise, x, betas, **kwargs):
+        return self.sampler(lambda x_t, t: self.count(predict_noise, x_t, t), x, betas, **kwargs)
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else ("" if value is None else str(value))
+
+
+def write_sweep_table(rows: list[dict], run_dir: Path) -> list[Path]:
+    """nfe_sweep.csv, nfe_sweep.md and nfe_sweep.png (FID against NFE, log x) in the run directory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(run_dir / "nfe_sweep.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in COLUMNS) + " |" for row in rows]
+    (run_dir / "nfe_sweep.md").write_text("\n".join(lines) + "\n")
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(row["sampler"] for row in rows):
+        points = sorted((row["nfe"], row["fid"]) for row in rows if row["sampler"] == name)
+        axis.plot(*zip(*points), marker="o", label=name)
+    axis.set(xscale="log", xlabel="network evaluations (NFE)", ylabel="FID", title="FID vs NFE")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(run_dir / "nfe_sweep.png", dpi=120)
+    plt.close(figure)
+    return [run_dir / f"nfe_sweep.{ext}" for ext in ("csv", "md", "png")]

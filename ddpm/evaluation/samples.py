@@ -1,0 +1,71 @@
+"""Samples on disk: guided-diffusion style npz files (arr_0: uint8 N x H x W x C; arr_1: labels), written
+atomically, and the shards of a sharded run (shard_I_of_N.npz, with the settings they were drawn with)."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+from hydra.utils import to_absolute_path
+
+from ddpm.checkpoint import write_atomically
+from ddpm.errors import ConfigError
+
+SHARD_FILE = re.compile(r"shard_(\d+)_of_(\d+)\.npz")
+
+
+def shard_name(shard: int, num_shards: int) -> str:
+    return f"shard_{shard}_of_{num_shards}.npz"
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray], meta: dict | None = None) -> Path:
+    """Writes atomically: a killed job leaves no partial npz (for the merge, or for a user)."""
+    if meta is not None:
+        arrays = {**arrays, "meta": np.array(json.dumps(meta, sort_keys=True))}
+    return write_atomically(path, lambda file: np.savez(file, **arrays))
+
+
+def read_samples(path: str | Path) -> np.ndarray:
+    """uint8 N x H x W x C images from a guided-diffusion style npz (arr_0)."""
+    path = Path(to_absolute_path(str(path)))
+    if not path.is_file():
+        raise ConfigError(f"eval.samples={path} does not exist")
+    with np.load(path, allow_pickle=False) as data:
+        if "arr_0" not in data:
+            raise ConfigError(f"eval.samples={path} has no arr_0 (images N x H x W x C, uint8)")
+        images = data["arr_0"]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ConfigError(f"eval.samples={path}: arr_0 is {images.dtype} {images.shape}, expected uint8 N x H x W x (1 or 3)")
+    return images
+
+
+def merge_shards(directory: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Every shard_I_of_N.npz of `directory`, checked complete and consistent, concatenated in order."""
+    directory = Path(to_absolute_path(str(directory)))
+    found = {}
+    for path in directory.glob("shard_*_of_*.npz"):
+        match = SHARD_FILE.fullmatch(path.name)
+        if match:
+            found[(int(match[1]), int(match[2]))] = path
+    totals = sorted({total for _, total in found})
+    if not totals:
+        raise ConfigError(f"eval.merge={directory} holds no shard_I_of_N.npz files")
+    if len(totals) > 1:
+        raise ConfigError(f"eval.merge={directory} holds shards of different runs (of {totals} shards): keep one")
+    total = totals[0]
+    missing = [shard_name(i, total) for i in range(total) if (i, total) not in found]
+    if missing:
+        raise ConfigError(f"eval.merge={directory} lacks {len(missing)} of {total} shards: {', '.join(missing)}")
+    parts, metas = [], []
+    for index in range(total):
+        with np.load(found[(index, total)], allow_pickle=False) as data:
+            parts.append({key: data[key] for key in data.files if key != "meta"})
+            metas.append(json.loads(str(data["meta"])))
+    first = {k: v for k, v in metas[0].items() if k != "shard"}
+    for index, meta in enumerate(metas):
+        if {k: v for k, v in meta.items() if k != "shard"} != first:
+            raise ConfigError(f"eval.merge={directory}: {shard_name(index, total)} was drawn with other settings than shard_0")
+    arrays = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    if len(arrays["arr_0"]) != first["num_samples"]:
+        raise ConfigError(f"eval.merge={directory}: the shards hold {len(arrays['arr_0'])} images, not {first['num_samples']}")
+    return arrays, first

@@ -1,0 +1,93 @@
+"""The settings of evaluation: the `fid` group (the feature network and its reference statistics, shared by
+task=evaluate and FID during training) and the `eval` node of conf/task/evaluate.yaml."""
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from hydra.utils import instantiate
+
+from ddpm.errors import ConfigError
+from ddpm.validation import Validated, at_least
+
+# Sampler names of eval.nfe_samplers -> their functions; ddpm has no step count (it takes every timestep).
+SWEEP_SAMPLERS = {
+    "ddim": "ddpm.samplers.ddim",
+    "dpm_solver": "ddpm.samplers.dpm_solver",
+    "ddpm": "ddpm.samplers.ddpm_ancestral",
+}
+
+
+@dataclasses.dataclass
+class FidSettings(Validated):
+    """The `fid` node; `extractor` stays a config node until `build_extractor` puts the network on a device."""
+
+    SECTION: ClassVar[str] = "fid"
+
+    extractor: Any = None  # a node with _target_: a callable uint8 images -> (features, logits), with a `name`
+    batch_size: int = at_least(1, 200)  # images per feature-extraction batch
+    reference_dir: str | None = None  # None = <paths.data_dir>/fid_stats
+    reference_pr_images: int = at_least(1, 10_000)  # real images whose features the cache keeps for precision/recall
+
+    def build_extractor(self, device: torch.device) -> Any:
+        """The feature network on `device` (the task's, or the training run's)."""
+        return instantiate(self.extractor, device=str(device))
+
+
+@dataclasses.dataclass
+class EvalSettings(Validated):
+    SECTION: ClassVar[str] = "eval"
+
+    num_samples: int = at_least(1, 50_000)
+    batch_size: int = at_least(1, 250)  # images per sampling batch; also the unit of sharding
+    seed: int = 0
+    use_ema: bool = True
+    device: str = "auto"
+    samples: str | None = None  # PATH.npz: evaluate it, generate nothing
+    is_splits: int = at_least(1, 10)
+    precision_recall: bool = True
+    pr_num_samples: int = at_least(1, 10_000)  # generated images compared with the real ones
+    pr_k: int = at_least(1, 3)
+    shard: int = 0
+    num_shards: int = at_least(1, 1)
+    shard_dir: str | None = None
+    merge: str | None = None  # DIR holding every shard_I_of_N.npz
+    nfe_sweep: list[int] | None = None
+    nfe_samplers: list[str] = dataclasses.field(default_factory=lambda: list(SWEEP_SAMPLERS))
+    precision: str = "fp32"
+    compile: bool | None = None
+
+    def check(self) -> None:
+        if self.num_samples < max(2, self.is_splits):
+            raise ConfigError(f"eval.num_samples={self.num_samples} must be >= eval.is_splits={self.is_splits} (and >= 2)")
+        if not 0 <= self.shard < self.num_shards:
+            raise ConfigError(f"eval.shard={self.shard!r} must be in 0..{self.num_shards - 1} "
+                              f"(eval.num_shards={self.num_shards})")  # fmt: skip
+        if self.num_shards > self.num_batches:
+            raise ConfigError(
+                f"eval.num_shards={self.num_shards} is more than the {self.num_batches} batches of eval.batch_size="
+                f"{self.batch_size} in eval.num_samples={self.num_samples}: lower eval.batch_size"
+            )
+        sweep = self.nfe_sweep
+        if sweep is not None and (not sweep or not all(steps >= 1 for steps in sweep)):
+            raise ConfigError(f"eval.nfe_sweep={sweep!r} must be null or a list of step counts, e.g. [10,20,50,100,1000]")
+        if not self.nfe_samplers or any(name not in SWEEP_SAMPLERS for name in self.nfe_samplers):
+            raise ConfigError(f"eval.nfe_samplers={self.nfe_samplers!r}: choose from {list(SWEEP_SAMPLERS)}")
+        sources = [f"{key}={value}" for key, value in (("eval.samples", self.samples), ("eval.merge", self.merge)) if value]
+        if len(sources) > 1:
+            raise ConfigError(f"{' and '.join(sources)}: give one source of samples, not both")
+        if sources and (sweep is not None or self.num_shards > 1):
+            raise ConfigError(f"{sources[0]} reads existing samples: it does not go with eval.nfe_sweep or "
+                              "eval.num_shards > 1")  # fmt: skip
+        if sweep is not None and self.num_shards > 1:
+            raise ConfigError("eval.nfe_sweep runs in one job: it does not go with eval.num_shards > 1")
+
+    @property
+    def num_batches(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def shard_images(self) -> range:
+        """The image indices of this shard: whole batches, contiguous, together every image."""
+        first = self.shard * self.num_batches // self.num_shards
+        last = (self.shard + 1) * self.num_batches // self.num_shards
+        return range(first * self.batch_size, min(last * self.batch_size, self.num_samples))

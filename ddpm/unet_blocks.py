@@ -1,0 +1,152 @@
+"""The UNet's building blocks: normalization, the timestep embedding, self-attention, residual blocks, and
+the changes of resolution (Ho et al. 2020, Appendix B; the architecture of PixelCNN++ / Wide ResNet blocks)."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "mish": nn.Mish}
+NORMS = ("gn", "in", "bn", "none")
+
+
+def make_norm(kind: str, channels: int, num_groups: int) -> nn.Module:
+    """A normalization layer by name: group, instance, batch, or none."""
+    if kind == "gn":
+        return nn.GroupNorm(num_groups, channels)
+    if kind == "in":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "bn":
+        return nn.BatchNorm2d(channels)
+    return nn.Identity()
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Transformer-style sin/cos features of the timestep (Vaswani et al. 2017, as used by DDPM), in `dtype`
+    (the network's: float32, or float64 for a .double() model; autocast casts further where it runs)."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=dtype) / (half - 1))
+    angles = t.to(dtype)[:, None] * frequencies[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over all pixels, added to the input."""
+
+    def __init__(self, channels: int, *, norm: str, num_groups: int, num_heads: int = 1):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = make_norm(norm, channels, num_groups)
+        self.to_qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.to_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height = x.shape[2]
+        # Token-major projections (the 1x1 convolutions' weights as matrices): q, k and v then have a
+        # contiguous head dimension, which the flash and memory-efficient kernels of scaled_dot_product_attention
+        # require (with a strided one they fall back to the slow math kernel). Free under channels_last.
+        tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")
+        qkv = F.linear(tokens, self.to_qkv.weight.flatten(1), self.to_qkv.bias)
+        q, k, v = rearrange(qkv, "b n (qkv heads d) -> qkv b heads n d", qkv=3, heads=self.num_heads)
+        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b heads n d -> b n (heads d)")
+        out = F.linear(out, self.to_out.weight.flatten(1), self.to_out.bias)
+        return x + rearrange(out, "b (h w) c -> b c h w", h=height)
+
+
+class ResidualBlock(nn.Module):
+    """norm-act-conv, plus time (and class) bias, norm-act-dropout-conv, plus skip; then optional attention."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        time_emb_dim: int,
+        num_classes: int | None,
+        dropout: float,
+        norm: str,
+        num_groups: int,
+        activation: str,
+        attention: bool,
+    ):
+        super().__init__()
+        self.activation = ACTIVATIONS[activation]()
+        self.norm_1 = make_norm(norm, in_channels, num_groups)
+        self.conv_1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_bias = nn.Linear(time_emb_dim, out_channels)
+        self.class_bias = nn.Embedding(num_classes, out_channels) if num_classes is not None else None
+        self.norm_2 = make_norm(norm, out_channels, num_groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv_2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.attention = (
+            AttentionBlock(out_channels, norm=norm, num_groups=num_groups) if attention else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor, time_emb: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        h = self.conv_1(self.activation(self.norm_1(x)))
+        bias = self.time_bias(self.activation(time_emb))
+        if self.class_bias is not None:
+            bias = bias + self.class_bias(y)
+        h = h + rearrange(bias, "b c -> b c 1 1")
+        h = self.conv_2(self.dropout(self.activation(self.norm_2(h))))
+        return self.attention(h + self.skip(x))
+
+
+class Downsample(nn.Module):
+    """Halves the resolution with a strided 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+# Nearest-neighbour upsampling followed by a 3x3 convolution, seen from the low-resolution input: an output
+# pixel in an even row reads input rows (i-1, i) with the kernel's rows (0, 1+2); an odd row reads (i, i+1) with
+# rows (0+1, 2). The same holds for columns. PHASE_TAPS[a] maps the 3 kernel taps to the 2 of phase a.
+PHASE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+
+
+class Upsample(nn.Module):
+    """Doubles the resolution: nearest-neighbour upsampling, then a 3x3 convolution.
+
+    With `subpixel` (the default) the same function is computed as four 2x2 convolutions of the low-resolution
+    input, one per output phase, interleaved: 16 instead of 36 multiply-adds per pixel and channel pair, and no
+    4x larger intermediate. The weights stay those of the 3x3 convolution.
+    """
+
+    def __init__(self, channels: int, subpixel: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.subpixel = subpixel
+        self.register_buffer("phase_taps", PHASE_TAPS.clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.subpixel:
+            return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        height, width = x.shape[2:]
+        taps = self.phase_taps.to(self.conv.weight.dtype)
+        # (row phase a, column phase b, out, in, 2, 2) kernels, all four phases in one convolution.
+        kernels = torch.einsum("apr,bqs,oirs->aboipq", taps, taps, self.conv.weight)
+        out = F.conv2d(F.pad(x, (1, 1, 1, 1)), rearrange(kernels, "a b o i p q -> (a b o) i p q"),
+                       self.conv.bias.repeat(4))  # fmt: skip
+        out = rearrange(out, "n (a b o) h w -> a b n o h w", a=2, b=2)
+        # Phase a's output for input row i sits at row i + a of the padded result.
+        phases = torch.stack([torch.stack([out[a, b, :, :, a : a + height, b : b + width] for b in (0, 1)])
+                              for a in (0, 1)])  # fmt: skip
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return rearrange(phases, "a b n o h w -> n o (h a) (w b)").contiguous(memory_format=layout)
+
+
+class Level(nn.Module):
+    """The residual blocks of one resolution, followed by an optional change of resolution."""
+
+    def __init__(self, blocks: list[ResidualBlock], resample: nn.Module | None):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.resample = resample
