@@ -13,8 +13,10 @@ import contextlib
 import hashlib
 import logging
 import runpy
+import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -122,7 +124,7 @@ CASES = [
          id="trainer-precision-fp16-on-cpu"),
     case(RUN, ["trainer.compile=maybe"], "trainer.compile='maybe' must be of type", id="trainer-compile"),
     case(RUN, ["optimizer.fused=yes"], "optimizer.fused='yes' must be true, false or null", id="optimizer-fused"),
-    case(RUN, ["task=benchmark", "benchmark.batch_size=0"], "benchmark.batch_size=0 must be an integer >= 1",
+    case(RUN, ["task=benchmark", "benchmark.batch_size=0"], "benchmark.batch_size=0 must be >= 1",
          id="benchmark-batch-size"),
     # task=sample: checkpoint, labels, settings, and a command line that contradicts the checkpoint.
     case(SAMPLE, [], "task=sample needs checkpoint=PATH", id="sample-no-checkpoint"),
@@ -144,9 +146,9 @@ CASES = [
     case(SAMPLE, ["checkpoint={cond}", "sample.labels=three"], "sample.labels='three'", id="sample-labels-str"),
     case(SAMPLE, ["checkpoint={cond}", "sample.precision=half"], "sample.precision='half' is not one of",
          id="sample-precision"),  # fmt: skip
-    case(SAMPLE, ["checkpoint={cond}", "sample.num_images=0"], "sample.num_images=0 must be an integer >= 1",
+    case(SAMPLE, ["checkpoint={cond}", "sample.num_images=0"], "sample.num_images=0 must be >= 1",
          id="sample-num-images-zero"),  # fmt: skip
-    case(SAMPLE, ["checkpoint={cond}", "sample.batch_size=abc"], "sample.batch_size='abc' must be an integer",
+    case(SAMPLE, ["checkpoint={cond}", "sample.batch_size=abc"], "sample.batch_size='abc' must be of type int",
          id="sample-batch-size-str"),  # fmt: skip
     case(SAMPLE, ["checkpoint={cond}", "sample.device=tpu"], "sample.device='tpu'", id="sample-device-unknown"),
     case(SAMPLE, ["checkpoint={cond}", "sampler.guidance_scale=2.0"], "sampler.guidance_scale=2.0 needs",
@@ -229,7 +231,7 @@ def paths(runs, tmp_path_factory) -> dict[str, Path]:
     corrupted = tmp / "corrupted.pt"
     corrupted.write_bytes(cond.read_bytes())
     data = bytearray(corrupted.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the tensor data
+    data[middle_of_largest_tensor(corrupted)] ^= 0xFF  # one flipped byte in the middle of the tensor data
     corrupted.write_bytes(bytes(data))
     other_model = tmp / "other_model.pt"  # a config of one model with the weights of another
     config = {**state["config"], "model": {**state["config"]["model"], "base_channels": 16}}
@@ -250,6 +252,17 @@ def paths(runs, tmp_path_factory) -> dict[str, Path]:
         "text_file": text_file, "state_dict": state_dict, "corrupted": corrupted, "other_model": other_model,
         "empty_dir": empty_dir, "notes_dir": notes_dir, "fake_png_dir": fake_png_dir,
     }  # fmt: skip
+
+
+def middle_of_largest_tensor(path: Path) -> int:
+    """The file offset of the middle byte of the largest tensor record in a torch.save zip archive (the middle of
+    the file may fall in the alignment padding between records, which no reader looks at)."""
+    with zipfile.ZipFile(path) as archive:
+        record = max((info for info in archive.infolist() if "/data/" in info.filename), key=lambda info: info.file_size)
+    with open(path, "rb") as file:
+        file.seek(record.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", file.read(4))
+    return record.header_offset + 30 + name_length + extra_length + record.file_size // 2
 
 
 def checkpoint_files(runs: dict[str, Path]) -> dict[str, tuple[str, int]]:

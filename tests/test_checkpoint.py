@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from ddpm.build import load_diffusion
 from ddpm.checkpoint import (
@@ -176,6 +177,26 @@ def test_resuming_needs_training_state_and_the_same_model(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         check_resumable(tmp_path, state, {**config, "trainer": {"iterations": 20, "use_labels": True}})
     assert "trainer.iterations: 10 -> 20" in caplog.text
+
+
+def test_a_training_config_holds_only_what_training_reads_so_resume_warns_only_about_real_changes(tmp_path, caplog):
+    """The settings of task=sample/evaluate/benchmark live in their task configs: a training run's resolved
+    config (and so its checkpoint) does not carry them, and moving the outputs or changing the logger between a
+    run and its resume is no change of the result."""
+    from conftest import compose_config
+
+    config = OmegaConf.to_container(compose_config("experiment=quickstart"), resolve=True)
+    assert not {"sample", "eval", "benchmark", "checkpoint"} & set(config)
+    assert {"sample", "checkpoint"} <= set(compose_config("task=sample"))
+    assert {"eval", "checkpoint"} <= set(compose_config("task=evaluate"))
+    state = {**a_state(), "config": config, "optimizer": {}, "loop": {}, "data": {}, "rng": {}}
+    moved = {**config, "paths": {**config["paths"], "output_dir": "/elsewhere"}, "logger": {"_target_": "x"}}
+    with caplog.at_level(logging.WARNING):
+        check_resumable(tmp_path, state, moved)
+    assert "changed settings" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        check_resumable(tmp_path, state, {**config, "optimizer": {**config["optimizer"], "lr": 1.0}})
+    assert "optimizer.lr" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------ housekeeping

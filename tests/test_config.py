@@ -11,8 +11,9 @@ from conftest import CONF_DIR, PROJECT_ROOT, compose_config, group_options
 from test_data import trust_cifar_archive, write_cifar_archive
 from ddpm.build import build_diffusion, build_sampler
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.evaluation.settings import FidSettings
 from ddpm.loggers import LocalLogger
-from ddpm.training import TrainSettings
+from ddpm.train_settings import TrainSettings
 from ddpm.unet import UNet
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("experiment", "paths"))
@@ -57,6 +58,12 @@ def instantiate_option(group, cfg, tmp_path):
         assert isinstance(logger, LocalLogger)
         logger.log({"loss": 1.0}, step=1)
         logger.finish()
+    elif group == "fid":
+        settings = instantiate(node)
+        assert isinstance(settings, FidSettings) and settings.batch_size >= 1
+        if node.extractor._target_.endswith("TinyExtractor"):  # the others load a weights file
+            features, logits = settings.build_extractor(torch.device("cpu"))(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
+            assert features.shape[0] == logits.shape[0] == 2
     elif group == "task":
         assert callable(get_method(node._target_))
     elif group == "dataset":
@@ -138,4 +145,6 @@ def test_every_component_yaml_has_a_target():
     for group in GROUPS:
         for option in group_options(group):
             node = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
+            if group == "task":  # `# @package _global_`: the task's target beside its own settings node
+                node = node.task
             assert "_target_" in node, f"{group}/{option}.yaml has no _target_"

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import ddpm.samplers
@@ -16,7 +17,7 @@ from ddpm.errors import ConfigError
 from ddpm.tasks.evaluate import check_settings, merge_shards
 
 
-STAND_IN = ["dataset=digits", "eval.extractor._target_=ddpm.metrics.TinyExtractor", "eval.device=cpu"]
+STAND_IN = ["dataset=digits", "fid=tiny", "eval.device=cpu"]
 SMALL = ["eval.num_samples=20", "eval.batch_size=10", "eval.pr_num_samples=200"]
 
 
@@ -27,9 +28,9 @@ def setup(tmp_path_factory):
     run_main(*TINY_QUICKSTART, "schedule=cosine", "schedule.num_timesteps=20", "trainer.iterations=2",
              "trainer.batch_size=8", "trainer.sample_at_end=false", f"hydra.run.dir={root / 'train'}")  # fmt: skip
     checkpoint = root / "train" / "checkpoints" / "last.pt"
-    common = [*STAND_IN, f"checkpoint={checkpoint}", f"eval.reference_dir={root / 'stats'}"]
+    common = [*STAND_IN, f"checkpoint={checkpoint}", f"fid.reference_dir={root / 'stats'}"]
     run_main("task=evaluate", *common, *SMALL, f"hydra.run.dir={root / 'single'}")
-    return {"root": root, "common": common, "single": root / "single"}
+    return {"root": root, "common": common, "single": root / "single", "checkpoint": checkpoint}
 
 
 @pytest.mark.slow
@@ -48,7 +49,7 @@ def test_evaluate_writes_metrics_samples_and_cached_reference_statistics(setup):
 @pytest.mark.slow
 def test_existing_samples_give_the_same_metrics(setup, tmp_path):
     run_main("task=evaluate", *STAND_IN, f"eval.samples={setup['single'] / 'samples.npz'}",
-             f"eval.reference_dir={setup['root'] / 'stats'}", "eval.pr_num_samples=200", f"hydra.run.dir={tmp_path}")
+             f"fid.reference_dir={setup['root'] / 'stats'}", "eval.pr_num_samples=200", f"hydra.run.dir={tmp_path}")
     again, single = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path, setup["single"]))
     assert again["fid"] == pytest.approx(single["fid"]) and again["precision"] == single["precision"]
 
@@ -61,7 +62,7 @@ def test_two_shards_in_a_multirun_merge_into_the_single_run(setup, tmp_path):
     assert sorted(p.name for p in sweep.glob("shard_*.npz")) == ["shard_0_of_2.npz", "shard_1_of_2.npz"]
     assert [len(np.load(sweep / f"shard_{i}_of_2.npz")["arr_0"]) for i in range(2)] == [10, 10]
 
-    run_main("task=evaluate", *STAND_IN, f"eval.merge={sweep}", f"eval.reference_dir={setup['root'] / 'stats'}",
+    run_main("task=evaluate", *STAND_IN, f"eval.merge={sweep}", f"fid.reference_dir={setup['root'] / 'stats'}",
              "eval.pr_num_samples=200", f"hydra.run.dir={tmp_path / 'merged'}")  # fmt: skip
     merged = json.loads((tmp_path / "merged" / "metrics.json").read_text())
     single = json.loads((setup["single"] / "metrics.json").read_text())
@@ -104,9 +105,10 @@ def test_evaluate_without_a_source_of_samples_is_one_line_naming_the_keys(tmp_pa
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        (["checkpoint=x.pt", "eval.num_samples=0"], "eval.num_samples=0 must be an integer >= 1"),
+        (["checkpoint=x.pt", "eval.num_samples=0"], "eval.num_samples=0 must be >= 1"),
         (["checkpoint=x.pt", "eval.num_shards=2", "eval.shard=3"], "eval.shard=3 must be in 0..1 (eval.num_shards=2)"),
-        (["checkpoint=x.pt", "eval.num_samples=20", "eval.batch_size=10", "eval.num_shards=3"], "eval.num_shards=3 is more than the 2 batches"),
+        (["checkpoint=x.pt", "eval.num_samples=20", "eval.batch_size=10", "eval.num_shards=3"],
+         "eval.num_shards=3 is more than the 2 batches"),
         (["checkpoint=x.pt", "eval.nfe_sweep=[10]", "eval.nfe_samplers=[euler]"], "eval.nfe_samplers=['euler']"),
         (["checkpoint=x.pt", "eval.nfe_sweep=[0]"], "eval.nfe_sweep=[0] must be null or a list"),
         (["eval.samples=a.npz", "eval.merge=dir"], "give one source of samples"),
@@ -123,8 +125,8 @@ def test_training_measures_fid_and_keeps_the_best_checkpoint(tmp_path):
     """trainer.eval_rate through main.py, with the stand-in extractor: fid in the log, best.pt on disk."""
     run_main(*TINY_QUICKSTART, "schedule=cosine", "schedule.num_timesteps=20", "trainer.iterations=4",
              "trainer.batch_size=8", "trainer.log_rate=2", "trainer.checkpoint_rate=0", "trainer.sample_at_end=false",
-             "trainer.eval_rate=2", "trainer.eval_samples=20", "trainer.eval_steps=5", "eval.batch_size=20",
-             "eval.extractor._target_=ddpm.metrics.TinyExtractor", f"eval.reference_dir={tmp_path / 'stats'}",
+             "trainer.eval_rate=2", "trainer.eval_samples=20", "trainer.eval_steps=5", "trainer.eval_batch_size=20",
+             "fid=tiny", f"fid.reference_dir={tmp_path / 'stats'}",
              f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     fids = [row["fid"] for row in rows if "fid" in row]
@@ -132,3 +134,68 @@ def test_training_measures_fid_and_keeps_the_best_checkpoint(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["best_fid"] == min(fids)
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["loop"]["best_fid"] == min(fids)
+
+
+@pytest.mark.slow
+def test_sample_and_evaluate_draw_the_same_images_for_the_same_seed(setup, tmp_path):
+    """One image generator: task=sample gives the images task=evaluate drew (same seed, classes i mod C), and
+    the first 7 of them when asked for 7, at another batch size."""
+    checkpoint = setup["checkpoint"]
+    run_main("task=sample", f"checkpoint={checkpoint}", "sample.num_images=20", "sample.batch_size=10",
+             "sample.device=cpu", f"sample.out_dir={tmp_path / 'all'}", f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
+    evaluated = np.load(setup["single"] / "samples.npz")
+    sampled = np.load(tmp_path / "all" / "samples.npz")
+    np.testing.assert_array_equal(sampled["arr_0"], evaluated["arr_0"])
+    np.testing.assert_array_equal(sampled["arr_1"], evaluated["arr_1"])
+
+    run_main("task=sample", f"checkpoint={checkpoint}", "sample.num_images=7", "sample.batch_size=3",
+             "sample.device=cpu", f"sample.out_dir={tmp_path / 'first'}", f"hydra.run.dir={tmp_path / 'run2'}")  # fmt: skip
+    first = np.load(tmp_path / "first" / "samples.npz")["arr_0"].astype(int)
+    assert np.abs(first - evaluated["arr_0"][:7].astype(int)).max() <= 1  # up to the last bit of another batch size
+
+
+@pytest.mark.slow
+def test_a_sample_task_that_dies_while_writing_leaves_no_partial_npz(setup, tmp_path, monkeypatch):
+    from test_bad_inputs import main_py
+
+    def dies_half_way(file, **arrays):
+        file.write(b"PK\x03\x04 half an archive")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(np, "savez", dies_half_way)
+    checkpoint = setup["checkpoint"]
+    out_dir = tmp_path / "out"
+    arguments = ["task=sample", f"checkpoint={checkpoint}", "sample.num_images=2", "sample.batch_size=2",
+                 "sample.device=cpu", "logger=none", f"sample.out_dir={out_dir}", f"hydra.run.dir={tmp_path / 'run'}"]
+    with main_py(arguments) as run:
+        with pytest.raises(SystemExit):
+            run()
+    assert sorted(p.name for p in out_dir.iterdir()) == ["000000_class0.png", "000001_class1.png"]
+
+
+class RecordingExtractor:
+    """A feature extractor that remembers the device it was built for."""
+
+    built_on: list[str] = []
+
+    def __init__(self, device="cpu"):
+        RecordingExtractor.built_on.append(str(device))
+        self.name = "recording"
+
+    def __call__(self, images):
+        generator = np.random.default_rng(len(images))
+        return generator.normal(size=(len(images), 4)), generator.normal(size=(len(images), 3))
+
+
+def test_fid_during_training_builds_its_extractor_on_the_training_device(tmp_path):
+    from ddpm.evaluation.during_training import FidDuringTraining
+    from ddpm.validation import build_settings
+
+    cfg = compose_config("dataset=digits", "fid=tiny", f"fid.extractor._target_={__name__}.RecordingExtractor",
+                         f"fid.reference_dir={tmp_path}")  # fmt: skip
+    RecordingExtractor.built_on.clear()
+    training_device = torch.device("cuda", 1)  # a device object needs no GPU; the extractor only records it
+    evaluator = FidDuringTraining(build_settings(cfg.fid), cfg.dataset, cfg.paths.data_dir, device=training_device,
+                                  num_samples=10, steps=2, batch_size=5)  # fmt: skip
+    assert RecordingExtractor.built_on == ["cuda:1"]
+    assert evaluator.device == training_device and evaluator.reference["count"] == 1617

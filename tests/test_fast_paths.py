@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from ddpm.errors import ConfigError
-from ddpm.fast_paths import (
-    FastPaths, optimizer_skips_on_device, prepare_network, resolve_fast_paths, step_unless_nonfinite, grad_scaler,
-)  # fmt: skip
+from ddpm.fast_paths import FastPaths, grad_scaler, prepare_network, resolve_fast_paths
+from ddpm.update import optimizer_skips_on_device, step_unless_nonfinite
 from ddpm.samplers import ddim
 from ddpm.throughput import count_flops
 from ddpm.unet import UNet

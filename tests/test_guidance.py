@@ -7,7 +7,7 @@ import torch
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import ConfigError
 from ddpm.schedules import linear_betas
-from ddpm.training import TrainSettings
+from ddpm.train_settings import TrainSettings
 from ddpm.unet import UNet
 from test_training import run_loop, tiny_diffusion
 

@@ -105,7 +105,7 @@ def test_inception_with_a_missing_weights_file_names_the_file_and_the_key(tmp_pa
     with pytest.raises(ConfigError) as caught:
         InceptionFeatures(weights_path=str(missing))
     message = str(caught.value)
-    assert f"eval.inception_weights={missing} does not exist" in message
+    assert f"fid.extractor.weights_path={missing} does not exist" in message
     assert "weights-inception-2015-12-05-6726825d.pth" in message
 
 
@@ -122,5 +122,5 @@ def test_inception_without_internet_says_which_file_to_place_where(monkeypatch):
         InceptionFeatures()
     message = str(caught.value)
     assert isinstance(caught.value, UserError)
-    assert INCEPTION_WEIGHTS_FILE in message and "eval.inception_weights=" in message
+    assert INCEPTION_WEIGHTS_FILE in message and "fid.extractor.weights_path=" in message
     assert str(torch.hub.get_dir()) in message

@@ -269,3 +269,14 @@ def test_diffusion_sample_accepts_the_fast_samplers(sampler):
                               callback=lambda s: steps.append(s["t"]))  # fmt: skip
     assert images.shape == (3, 2, 4, 4) and images.abs().max() <= 1
     assert steps == [49, 37, 25, 12, 0]
+
+
+@pytest.mark.parametrize(
+    "sampler, calls", [(ddpm_ancestral, 20), (functools.partial(ddim, steps=7), 7), (functools.partial(dpm_solver, steps=5), 5)]
+)
+def test_every_sampler_tells_its_callback_how_many_network_calls_it_makes(sampler, calls):
+    """What diffusion.sample's progress bar is sized by: the sampler's own count, not a guess from its settings."""
+    seen = []
+    sampler(lambda x, t: torch.zeros_like(x), torch.zeros(1, 1, 2, 2), torch.full((20,), 0.01),
+            callback=lambda state: seen.append(state["steps"]))  # fmt: skip
+    assert seen == [calls] * calls

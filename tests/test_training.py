@@ -13,7 +13,10 @@ from ddpm.fast_paths import FastPaths
 from ddpm.loggers import LocalLogger
 from ddpm.rng import seed_everything
 from ddpm.schedules import linear_betas
-from ddpm.training import TrainSettings, resolve_device, should_stop_early, train, warmup_lr
+from ddpm.devices import resolve_device
+from ddpm.train_settings import TrainSettings
+from ddpm.training import should_stop_early, train, warmup_lr
+from ddpm.training_setup import build_training
 from ddpm.unet import UNet
 
 
@@ -119,13 +122,14 @@ def run_loop(tmp_path, resume_from=None, poisoned_steps=(), diffusion=None, eval
                                 "num_workers": 0, "test_batches": 1, **overrides})  # fmt: skip
     logger = RecordingLogger(tmp_path, on_log)
     optimizer = torch.optim.Adam(diffusion.model.parameters(), lr=1e-3, fused=fused)
-    resume = load_checkpoint(resume_from) if resume_from else None
-    summary = train(
-        diffusion, optimizer, PoisonedBatches(poisoned_steps), settings,
+    resume = (resume_from, load_checkpoint(resume_from)) if resume_from else None
+    with build_training(
+        diffusion, optimizer, PoisonedBatches(poisoned_steps), settings, fast=fast or FastPaths(),
         device=torch.device(device), run_dir=tmp_path, logger=logger, config={"note": "test"},
-        test_loader=torch.utils.data.DataLoader(digits(split="test"), batch_size=16),
-        resume=resume, resume_path=resume_from, evaluator=evaluator, fast=fast or FastPaths(),
-    )  # fmt: skip
+        test_loader=torch.utils.data.DataLoader(digits(split="test"), batch_size=16), resume=resume,
+        evaluator=evaluator,
+    ) as parts:  # fmt: skip
+        summary = train(parts, settings)
     return diffusion, logger, summary
 
 

@@ -11,7 +11,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import compose_config
 from ddpm.errors import ConfigError
-from ddpm.unet import AttentionBlock, UNet, Upsample
+from ddpm.unet import UNet
+from ddpm.unet_blocks import AttentionBlock, Upsample
 
 SMALL = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, num_groups=8)
 
@@ -118,3 +119,19 @@ def test_subpixel_upsampling_is_nearest_upsampling_then_the_3x3_convolution(layo
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
     for got, want in zip(fast_grads, [x.grad, upsample.conv.weight.grad]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_float64_model_runs_in_float64_end_to_end():
+    """The time embedding follows the network's dtype: .double() gives float64 predictions, losses and samples."""
+    from ddpm.diffusion import GaussianDiffusion
+    from ddpm.samplers import ddim
+    from ddpm.schedules import linear_betas
+
+    torch.manual_seed(0)
+    model = UNet(in_channels=1, image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, num_groups=4)
+    diffusion = GaussianDiffusion(model, linear_betas(50), 8, 1).double()
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    assert model(x, torch.tensor([0, 9])).dtype == torch.float64
+    assert diffusion(x).dtype == torch.float64
+    samples = diffusion.sample(2, "cpu", sampler=lambda *args, **kwargs: ddim(*args, steps=3, **kwargs))
+    assert samples.dtype == torch.float64 and torch.isfinite(samples).all()
