@@ -147,9 +147,11 @@ def finish(parts: TrainingParts, settings: TrainSettings, metrics: dict[str, flo
     weight_digests = gather_to_main(content_digest({"model": parts.diffusion.model.state_dict()}), ranks)
     if ranks.is_main and len(set(weight_digests)) > 1:
         log.warning("the ranks ended with different weights: %s", weight_digests)
-    grid = None
-    if parts.grids is not None:
-        grid = parts.grids.final(loop.step) if settings.sample_at_end else (parts.grids.latest or (0, None))[1]
+    grid = None  # the final grid, else the newest periodic one
+    if parts.grids is not None and settings.sample_at_end:
+        grid = parts.grids.final(loop.step)
+    elif parts.grids is not None and parts.grids.latest is not None:
+        grid = parts.grids.latest[1]
     best = math.isfinite(loop.best_fid)
     return {
         "steps": loop.step,
