@@ -28,6 +28,11 @@ def balanced_labels(num_images: int, classes: list[int]) -> torch.Tensor:
     return torch.tensor(classes)[torch.arange(num_images) % len(classes)]
 
 
+def class_labels(num_images: int, num_classes: int | None) -> torch.Tensor | None:
+    """Every class of a conditional model in turn (image i: class i mod C); None for an unconditional one."""
+    return balanced_labels(num_images, list(range(num_classes))) if num_classes else None
+
+
 @dataclasses.dataclass
 class ImageBatch:
     start: int  # the index of its first image

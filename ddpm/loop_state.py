@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import time
 from typing import Any
 
 import torch
@@ -46,6 +47,10 @@ class LoopState:
                 if field.name in self.TENSORS:
                     value = torch.as_tensor(value).to(getattr(self, field.name).device)
                 setattr(self, field.name, list(value) if isinstance(value, list) else value)
+
+    def total_time(self, started: float) -> float:
+        """Training time of the whole run: earlier processes', and this one's since `started` (perf_counter)."""
+        return self.wall_time_s + time.perf_counter() - started
 
     def add_step(self, result: StepResult) -> None:
         """Accumulates one step on the device: its loss and gradient norm when the optimizer took it."""

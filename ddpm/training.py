@@ -96,7 +96,7 @@ def train(parts: TrainingParts, settings: TrainSettings) -> dict[str, Any]:
 def checkpoint(parts: TrainingParts, started: float) -> None:
     """This step's checkpoint (every rank takes part), never past a non-finite step not reported yet."""
     parts.nonfinite.check(parts.checkpoints.describe_last())
-    parts.checkpoints.save(parts.loop.step, parts.loop.wall_time_s + time.perf_counter() - started)
+    parts.checkpoints.save(parts.loop.step, parts.loop.total_time(started))
 
 
 def log_interval(parts: TrainingParts, settings: TrainSettings, *, images: int, seconds: float) -> dict[str, float]:
@@ -160,7 +160,7 @@ def finish(parts: TrainingParts, settings: TrainSettings, metrics: dict[str, flo
         "stopped_early": loop.stopped_early,
         "skipped_nonfinite": parts.nonfinite.reported,
         "resumed_from_step": parts.resumed_from_step,
-        "wall_time_s": loop.wall_time_s + time.perf_counter() - started,
+        "wall_time_s": loop.total_time(started),
         "sample_grid": str(grid) if grid else None,
         "checkpoint": str(checkpoints.last),
         "world_size": ranks.world_size,

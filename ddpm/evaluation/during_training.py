@@ -10,7 +10,7 @@ from ddpm.diffusion import GaussianDiffusion
 from ddpm.evaluation.reference import reference_statistics
 from ddpm.evaluation.scores import image_metrics
 from ddpm.evaluation.settings import FidSettings
-from ddpm.generation import as_arrays, balanced_labels, draw_images
+from ddpm.generation import as_arrays, class_labels, draw_images
 from ddpm.samplers import ddim
 
 
@@ -27,8 +27,7 @@ class FidDuringTraining:
         self.sampler = partial(ddim, steps=steps)
 
     def images(self, diffusion: GaussianDiffusion) -> np.ndarray:
-        num_classes = diffusion.model.num_classes
-        labels = balanced_labels(self.num_samples, list(range(num_classes))) if num_classes else None
+        labels = class_labels(self.num_samples, diffusion.model.num_classes)
         batches = draw_images(diffusion, self.sampler, images=range(self.num_samples), batch_size=self.batch_size,
                               seed=0, device=self.device, labels=labels)  # fmt: skip
         return as_arrays(batches)["arr_0"]

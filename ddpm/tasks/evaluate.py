@@ -33,7 +33,7 @@ from ddpm.evaluation.samples import merge_shards, read_samples, save_npz, shard_
 from ddpm.evaluation.scores import image_metrics
 from ddpm.evaluation.settings import EvalSettings, FidSettings
 from ddpm.fast_paths import prepare_for_sampling
-from ddpm.generation import as_arrays, balanced_labels, draw_images
+from ddpm.generation import as_arrays, class_labels, draw_images
 from ddpm.validation import build_settings
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,7 @@ def check_dataset_matches(cfg: DictConfig, checkpoint_config: dict, checkpoint: 
 def generate(diffusion: GaussianDiffusion, sampler, settings: EvalSettings, images: range, device: torch.device, *,
              guidance_scale: float, precision: str) -> dict[str, np.ndarray]:  # fmt: skip
     """The images with indices `images` (uint8 N x H x W x C) and, when conditional, their classes."""
-    num_classes = diffusion.model.num_classes
-    labels = balanced_labels(settings.num_samples, list(range(num_classes))) if num_classes else None
+    labels = class_labels(settings.num_samples, diffusion.model.num_classes)
     return as_arrays(draw_images(diffusion, sampler, images=images, batch_size=settings.batch_size, seed=settings.seed,
                                  device=device, labels=labels, use_ema=settings.use_ema, guidance_scale=guidance_scale,
                                  precision=precision))  # fmt: skip
