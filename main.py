@@ -6,12 +6,15 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 # conf/paths/default.yaml places data and outputs relative to the project, wherever the command runs from.
 os.environ.setdefault("DDPM_PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
-from ddpm.errors import ConfigError, UserError  # noqa: E402
+from ddpm.faults import explain, one_line  # noqa: E402
+from ddpm.run_directory import claim, launch_rank, release_all  # noqa: E402
+from ddpm.validation import check_config  # noqa: E402
 
 log = logging.getLogger("ddpm")
 
@@ -36,34 +39,33 @@ def _renamed_keys(arguments: list[str]) -> list[str]:
     return messages
 
 
-def _expected_error(error: BaseException) -> UserError | None:
-    """The UserError behind `error`, also when Hydra's instantiate wrapped it in its own exception."""
-    while error is not None:
-        if isinstance(error, UserError):
-            return error
-        error = error.__cause__
-    return None
-
-
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
+    """Runs the task; every fault ddpm.faults recognizes ends in one line and exit status 1. Rank 0 holds the
+    run directory (ddpm.run_directory) until the task ends."""
     task = hydra.utils.get_method(cfg.task._target_)
     try:
-        missing = sorted(OmegaConf.missing_keys(cfg))
-        if missing:
-            example = " ".join(f"{key}=..." for key in missing)
-            raise ConfigError(f"{', '.join(missing)} must be given a value, e.g. python main.py ... {example}")
+        check_config(cfg)
+        if launch_rank() == 0:  # a no-op for a single run, whose directory was claimed before Hydra wrote there
+            claim(HydraConfig.get().runtime.output_dir)
         return task(cfg)
     except Exception as error:
-        expected = _expected_error(error)
+        expected = explain(error, num_workers=OmegaConf.select(cfg, "trainer.num_workers"))
         if expected is None:
             raise
-        log.error("%s", expected)
+        log.error("%s", one_line(expected))
         sys.exit(1)
+    finally:
+        release_all()
 
 
 if __name__ == "__main__":
     if renamed := _renamed_keys(sys.argv[1:]):
         print(f"main.py: {'; '.join(renamed)}", file=sys.stderr)
         sys.exit(1)
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (which stop at a step boundary instead)
+        print("[ddpm][ERROR] - interrupted by SIGINT: checkpoints and npz files written so far are intact (every "
+              "write is atomic); run the same command to start again", file=sys.stderr)  # fmt: skip
+        sys.exit(130)

@@ -1,6 +1,9 @@
 """Builds a diffusion model from a composed config, or from a checkpoint (whose config travels inside it)."""
 
-from collections.abc import Callable
+import contextlib
+import math
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +15,14 @@ from ddpm.checkpoint import load_checkpoint
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.ema import EMA
 from ddpm.errors import CheckpointError, ConfigError
+from ddpm.validation import check_keys
 
 
 def build_diffusion(cfg: DictConfig) -> GaussianDiffusion:
     """Network -> noise schedule -> EMA copy -> diffusion, from the model, schedule, trainer and diffusion nodes."""
     # A null label for classifier-free guidance exists when training drops labels.
-    model = instantiate(cfg.model, null_class=cfg.trainer.get("label_dropout", 0.0) > 0)
+    with named_as_typed(cfg.model, "model"):
+        model = instantiate(cfg.model, null_class=cfg.trainer.get("label_dropout", 0.0) > 0)
     betas = instantiate(cfg.schedule)
     trainer = cfg.trainer
     ema = (
@@ -28,14 +33,56 @@ def build_diffusion(cfg: DictConfig) -> GaussianDiffusion:
     return instantiate(cfg.diffusion, model=model, betas=betas, ema=ema)
 
 
-def build_sampler(node: DictConfig) -> tuple[Callable[..., torch.Tensor], float]:
+@contextlib.contextmanager
+def named_as_typed(node: DictConfig, section: str) -> Iterator[None]:
+    """A ConfigError about a key whose value comes from another key (model.image_size: ${dataset.image_size})
+    names the key the user typed, dataset.image_size, instead."""
+    try:
+        yield
+    except Exception as error:
+        cause = error if isinstance(error, ConfigError) else error.__cause__  # Hydra's instantiate wraps errors
+        if not isinstance(cause, ConfigError):
+            raise
+        message = str(cause)
+        for key in node:
+            child = node._get_node(key)
+            source = re.fullmatch(r"\$\{([\w.]+)\}", str(child._value())) if child._is_interpolation() else None
+            if source and message.startswith(f"{section}.{key}="):
+                raise ConfigError(source[1] + message[len(f"{section}.{key}") :]) from error
+        raise
+
+
+def build_sampler(node: DictConfig, betas: torch.Tensor | None = None) -> tuple[Callable[..., torch.Tensor], float]:
     """The sampler function of a `sampler` config node, and its classifier-free guidance scale (a setting of
-    the noise predictor the sampler calls, not of the sampler itself)."""
+    the noise predictor the sampler calls, not of the sampler itself). With the schedule's `betas` the sampler
+    is rehearsed once, so that every setting it checks is checked now rather than at the first grid."""
+    check_keys(node, "sampler", also=("guidance_scale",))
     settings = OmegaConf.to_container(node, resolve=True)
     guidance_scale = settings.pop("guidance_scale", 0.0)
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
         raise ConfigError(f"sampler.guidance_scale={guidance_scale!r} must be a number >= 0 (0 = no guidance)")
-    return instantiate(settings), float(guidance_scale)
+    sampler = instantiate(settings)
+    if betas is not None:
+        rehearse(sampler, betas)
+    return sampler, float(guidance_scale)
+
+
+def rehearse(sampler: Callable[..., torch.Tensor], betas: torch.Tensor) -> None:
+    """One run of `sampler` on a one-pixel image with a predictor of zeros: milliseconds, and it reaches every
+    check the sampler makes of its settings against the schedule (steps, eta, spacing, ...)."""
+    pixel = torch.zeros(1, 1, 1, 1)
+    sampler(lambda x, t: torch.zeros_like(x), pixel, betas.detach().cpu().float(), generator=torch.Generator())
+
+
+def check_model_fits_data(model: DictConfig, image: torch.Tensor) -> None:
+    """The network takes and predicts the dataset's channels (the noise of each channel)."""
+    channels = image.shape[0]
+    if model.in_channels != channels:
+        raise ConfigError(f"model.in_channels={model.in_channels}, but the dataset's images have {channels} "
+                          f"channel{'s' if channels > 1 else ''}: drop the override (it follows dataset.channels)")  # fmt: skip
+    if model.out_channels is not None and model.out_channels != model.in_channels:
+        raise ConfigError(f"model.out_channels={model.out_channels} must equal model.in_channels={model.in_channels} "
+                          "(the network predicts the noise of each channel), or null")  # fmt: skip
 
 
 def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
@@ -48,10 +95,11 @@ def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
     fused = node.get("fused")
     if fused is not None and not isinstance(fused, bool):
         raise ConfigError(f"optimizer.fused={fused!r} must be true, false or null (fused where available)")
-    for key in ("lr", "eps", "weight_decay"):
+    for key, positive in (("lr", True), ("eps", False), ("weight_decay", False)):
         value = node.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-            raise ConfigError(f"optimizer.{key}={value!r} must be a number >= 0")
+        number = not isinstance(value, bool) and isinstance(value, (int, float))
+        if value is not None and not (number and math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            raise ConfigError(f"optimizer.{key}={value!r} must be a finite number {'> 0' if positive else '>= 0'}")
     betas = node.get("betas")
     if betas is not None and (not OmegaConf.is_list(betas) or len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
         raise ConfigError(f"optimizer.betas={betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
@@ -65,10 +113,11 @@ def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
 
 
 def load_diffusion(
-    path: str | Path, device: str | torch.device = "cpu"
+    path: str | Path, device: str | torch.device = "cpu", *, trust: bool = False
 ) -> tuple[GaussianDiffusion, dict[str, Any]]:
-    """A trained diffusion (network and EMA weights) and the checkpoint's full contents, ready to sample."""
-    state = load_checkpoint(path, map_location=device)
+    """A trained diffusion (network and EMA weights) and the checkpoint's full contents, ready to sample.
+    `trust` loads a checkpoint that carries no digest (trust_checkpoint=true)."""
+    state = load_checkpoint(path, map_location=device, trust=trust)
     try:
         diffusion = build_diffusion(OmegaConf.create(state["config"]))
     except Exception as error:  # a config from another version, or edited by hand

@@ -7,8 +7,10 @@ zip archive with flipped bits in a tensor still loads: only the digest tells a d
 import hashlib
 import logging
 import os
+import pickle
 import re
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -135,27 +137,80 @@ def _link_or_copy(source: Path, target: Path) -> None:
     os.replace(staging, target)
 
 
+# The first bytes of formats a checkpoint or sample file is mistaken for most often.
+KNOWN_FORMATS = (
+    (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+    (b"\x93NUMPY", "a NumPy .npy array"), (b"\x1f\x8b", "a gzip archive"), (b"PK\x03\x04", "a zip archive"),
+    (b"PK\x05\x06", "an empty zip archive"),
+)  # fmt: skip
+
+
+def file_kind(head: bytes) -> str:
+    """What a file seems to be from its first bytes, for the message that says it is not what was asked for."""
+    for magic, kind in KNOWN_FORMATS:
+        if head.startswith(magic):
+            return kind
+    if head[:1] == b"\x80":
+        return "a pickle (torch's legacy format, or another program's)"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary data of an unknown format"
+    return "text"
+
+
+def named(key: str, path: Path) -> str:
+    """`key=path` for messages; a key ending in ":" (a description, not a config key) is followed by the path."""
+    return f"{key} {path}" if key.endswith(":") else f"{key}={path}"
+
+
+def check_file(path: Path, key: str, error: type[Exception] = CheckpointError) -> bytes:
+    """The first bytes of `path` when it is a regular, non-empty file; else `error` naming `key` and saying
+    what the path is instead (missing, a directory, empty)."""
+    if path.is_dir():
+        raise error(f"{named(key, path)} is a directory, not a file: name a file in it")
+    if not path.exists():
+        raise error(f"{named(key, path)} does not exist")
+    if not path.is_file():
+        raise error(f"{named(key, path)} is not a regular file")
+    if path.stat().st_size == 0:
+        raise error(f"{named(key, path)} is empty (0 bytes): a write that never finished, or a placeholder")
+    with open(path, "rb") as file:
+        return file.read(16)
+
+
 def load_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu", *, key: str = "checkpoint"
+    path: str | Path, map_location: str | torch.device = "cpu", *, key: str = "checkpoint", trust: bool = False
 ) -> dict[str, Any]:
     """Reads a checkpoint with weights_only=True (no code runs on load), checks that it is one of ours and that
-    its contents match their digest. `key` is the config key that named the file, for the error messages."""
+    its contents match their digest. `key` is the config key that named the file, for the error messages; a
+    checkpoint without a digest (another tool's, or edited) loads only with `trust` (trust_checkpoint=true)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{key}={path} does not exist")
+    head = check_file(path, key)
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its directory is at the very end
+        if head.startswith(b"PK\x03\x04"):
+            raise CheckpointError(f"{named(key, path)} is truncated: its zip archive has no end (a copy or write cut short?)")
+        raise CheckpointError(f"{named(key, path)} is not a checkpoint: it holds {file_kind(head)}, not the zip archive "
+                              "torch.save writes")  # fmt: skip
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{named(key, path)} holds objects other than tensors and plain values, which are not loaded "
+                              "(loading them could run code from the file)") from error  # fmt: skip
     except Exception as error:
-        reason = str(error).splitlines()[0]
-        raise CheckpointError(f"{key}={path} is not a readable checkpoint (truncated or damaged?): {reason}") from error
+        reason = next(iter(str(error).splitlines()), "") or type(error).__name__
+        raise CheckpointError(f"{named(key, path)} is not a readable checkpoint (truncated or damaged?): {reason}") from error
     if not isinstance(state, dict) or any(name not in state for name in REQUIRED_KEYS):
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(
-            f"{key}={path} is not a ddpm checkpoint: it needs the keys {list(REQUIRED_KEYS)}, found {found}"
+            f"{named(key, path)} is not a ddpm checkpoint: it needs the keys {list(REQUIRED_KEYS)}, found {found}"
         )
     expected = state.pop(DIGEST_KEY, None)
+    if expected is None and not trust:
+        raise CheckpointError(f"{named(key, path)} carries no digest, so damage to it cannot be detected; if you trust the "
+                              "file, add trust_checkpoint=true")  # fmt: skip
     if expected is not None and content_digest(state) != expected:
-        raise CheckpointError(f"{key}={path} is corrupted: its contents do not match the digest stored with them")
+        raise CheckpointError(f"{named(key, path)} is corrupted: its contents do not match the digest stored with them")
     return state
 
 

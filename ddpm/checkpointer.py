@@ -2,7 +2,9 @@
 pruning the periodic ones, and best.pt. The file format itself is ddpm.checkpoint's."""
 
 import dataclasses
+import errno
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +15,11 @@ from ddpm.data.device import DeviceBatches
 from ddpm.data.loader import TrainingBatches
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.distributed import Ranks, gather_to_main, sum_across_ranks
+from ddpm.errors import CheckpointError, StorageError
 from ddpm.loop_state import LoopState
 from ddpm.noise_stream import GlobalBatchNoise
 from ddpm.nonfinite import NonFinitePolicy
+from ddpm.preflight import MB, estimated_checkpoint_bytes
 from ddpm.rng import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
@@ -39,9 +43,10 @@ class Checkpointer:
     remembers which step is on disk, so that no step is written twice. Every rank takes part in a save (random
     streams and running sums are gathered); rank 0 writes."""
 
-    def __init__(self, directory: Path, saved: Saved, *, rate: int, keep: int, config: dict[str, Any], ranks: Ranks):
+    def __init__(self, directory: Path, saved: Saved, *, rate: int, keep: int, config: dict[str, Any], ranks: Ranks,
+                 run_id: str | None = None):  # fmt: skip
         self.directory, self.saved, self.rate, self.keep = directory, saved, rate, keep
-        self.config, self.ranks = config, ranks
+        self.config, self.ranks, self.run_id = config, ranks, run_id  # run_id: the run every checkpoint belongs to
         self.last = directory / "last.pt"
         self.saved_step: int | None = None  # the step last.pt holds, when this run wrote or resumed from it
         self.saved_path: Path | None = None
@@ -62,9 +67,9 @@ class Checkpointer:
         saved = self.saved
         per_rank_rng = gather_to_main(capture_rng_state(), self.ranks)
         sum_across_ranks(saved.loop.loss_sum, self.ranks)
-        self.saved_step, self.saved_path = step, self.last
         if not self.ranks.is_main:
             saved.loop.loss_sum.zero_()  # rank 0 holds the total now
+            self.saved_step, self.saved_path = step, self.last
             return
         ema = saved.diffusion.ema
         state = {
@@ -72,6 +77,7 @@ class Checkpointer:
             "ema": ema.state_dict() if ema is not None else None,
             "optimizer": saved.optimizer.state_dict(),
             "step": step,
+            "run_id": self.run_id,
             "config": self.config,
             "loop": {**saved.loop.state_dict(), **saved.nonfinite.state_dict(), "wall_time_s": wall_time_s},
             "data": saved.batches.state_dict(),
@@ -79,9 +85,28 @@ class Checkpointer:
             "logger": saved.logger.state_dict(),
         }
         periodic = (self.directory / periodic_name(step),) if self.is_periodic(step) else ()
-        save_checkpoint(self.last, state, also=periodic)
+        try:
+            save_checkpoint(self.last, state, also=periodic)
+        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+            raise self.write_failure(error) from error
+        self.saved_step, self.saved_path = step, self.last
         for path in prune_periodic(self.directory, self.keep):
             log.info("removed %s (trainer.keep_checkpoints=%d)", path.name, self.keep)
+
+    def write_failure(self, error: Exception) -> Exception:
+        """A StorageError for a failed checkpoint write when the disk is full (or read-only), naming the directory,
+        the free space, a checkpoint's size and the last intact checkpoint; other errors as they are."""
+        size = self.last.stat().st_size if self.last.is_file() else estimated_checkpoint_bytes(
+            self.saved.diffusion.model, self.saved.diffusion.ema is not None)  # fmt: skip
+        free = shutil.disk_usage(self.directory).free
+        full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < 2 * size
+        if not full and getattr(error, "errno", None) != errno.EROFS:
+            return error
+        reason = "the disk is full" if full else "the file system has become read-only"
+        return StorageError(
+            f"writing a checkpoint to {self.directory} failed: {reason} ({free / MB:.0f} MB free, a checkpoint "
+            f"takes about {size / MB:.0f} MB); {self.describe_last()}. Free space and run the same command to continue"
+        )
 
     def keep_as_best(self) -> None:
         """best.pt becomes the checkpoint last.pt holds (rank 0)."""
@@ -92,10 +117,15 @@ class Checkpointer:
         """Puts weights, EMA, optimizer, data position and loop state back from `state` (read from `path`), on
         every rank. The random streams are the wiring's last step: see restore_random_streams."""
         saved = self.saved
-        saved.diffusion.model.load_state_dict(state["model"])
-        if saved.diffusion.ema is not None and state.get("ema") is not None:
-            saved.diffusion.ema.load_state_dict(state["ema"])
-        saved.optimizer.load_state_dict(state["optimizer"])
+        try:
+            saved.diffusion.model.load_state_dict(state["model"])
+            if saved.diffusion.ema is not None and state.get("ema") is not None:
+                saved.diffusion.ema.load_state_dict(state["ema"])
+            saved.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            reason = next(iter(str(error).splitlines()), type(error).__name__)
+            raise CheckpointError(f"trainer.resume={path}: its weights are not those of the model its config "
+                                  f"describes ({reason})") from error  # fmt: skip
         saved.batches.load_state_dict(state["data"])
         saved.loop.load_state_dict(state["loop"])
         if not self.ranks.is_main:  # the saved running sums are the total over all ranks, kept by rank 0

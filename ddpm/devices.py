@@ -12,10 +12,13 @@ def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
     config key that holds `name`, for the error messages."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    refusal = f"{key}={name!r} is not a device this project runs on: use auto, cpu, cuda or cuda:N"
     try:
         device = torch.device(name)
-    except RuntimeError as error:
-        raise ConfigError(f"{key}={name!r} is not a device: use auto, cpu, cuda or cuda:N") from error
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(refusal) from error
+    if device.type not in ("cpu", "cuda"):  # mps, meta, xpu, ...: untested here, or (meta) without data at all
+        raise ConfigError(refusal)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{key}={name!r}, but CUDA is not available here: use auto or cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():

@@ -23,3 +23,7 @@ class NonFiniteError(UserError, FloatingPointError):
 
 class StorageError(UserError, OSError):
     """The run directory cannot be written, or its disk is too full for a checkpoint."""
+
+
+class RunDirectoryInUse(UserError):
+    """Another process holds the run directory (ddpm.run_directory)."""

@@ -1,16 +1,19 @@
-"""Stopping at a step boundary when the cluster asks: SLURM (through submitit) sends SIGUSR2 some time before a
-job's time limit or on preemption.
+"""Stopping at a step boundary when asked: SLURM (through submitit) sends SIGUSR2 some time before a job's time
+limit or on preemption; clusters send SIGTERM before they kill a job; a user presses Ctrl-C (SIGINT).
 
 The signal only sets a flag. The loop looks at it between steps, writes a checkpoint there (never in the middle
-of a step or of a write), and then hands over to submitit's own handler, which requeues the job with the same
-arguments; the requeued job continues from the checkpoint (`trainer.resume=auto`). Outside submitit the run
-just ends after the checkpoint, and the same command continues it.
+of a step or of a write), and then ends the run. After SIGUSR2 inside submitit, submitit's own handler requeues
+the job with the same arguments, and the requeued job continues from the checkpoint (`trainer.resume=auto`).
+Otherwise the process exits with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM, as a shell reports
+a process the signal ended) and one line saying where the checkpoint is; the same command continues the run.
+A second SIGTERM or SIGINT stops at once, keeping the checkpoints already written.
 """
 
 import logging
 import signal
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,37 +23,54 @@ from ddpm.distributed import Ranks
 
 log = logging.getLogger(__name__)
 
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+
 
 class Preempted(SystemExit):
-    """The run stopped at a step boundary because it was asked to; its checkpoint is on disk."""
+    """The run stopped because it was asked to; exit status 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
 
 
 class StopSignal:
-    """Catches `signum` from construction until `close()`; `requested` tells whether it came."""
+    """Catches the stop signals from construction until `close()`; `received` is the first that came."""
 
-    def __init__(self, signum: int = signal.SIGUSR2):
-        self.signum = signum
-        self.requested = False
-        self._previous: Callable | int | None = None
+    def __init__(self, signums: tuple[int, ...] = STOP_SIGNALS):
+        self.received: int | None = None
+        self._previous: dict[int, Callable | int | None] = {}
         if threading.current_thread() is threading.main_thread():  # signals can only be caught there
-            self._previous = signal.signal(signum, self._note)
+            self._previous = {signum: signal.signal(signum, self._note) for signum in signums}
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
 
     def _note(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        log.warning("received %s: stopping after this step, with a checkpoint", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if self.received is not None and signum != signal.SIGUSR2:
+            log.warning("received %s again: stopping now; the checkpoints written so far are kept", name)
+            raise Preempted(signum)
+        self.received = signum
+        log.warning("received %s: stopping after this step, with a checkpoint", name)
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(self.signum, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
 
-    def hand_over(self, step: int) -> None:
-        """After the checkpoint: submitit's handler requeues the job and exits; otherwise this process ends."""
-        previous, self._previous = self._previous, None
-        signal.signal(self.signum, previous if previous is not None else signal.SIG_DFL)
-        if callable(previous):
-            previous(self.signum, None)  # rank 0 requeues and exits; other ranks return here
-        raise Preempted(f"stopped at step {step} by {signal.Signals(self.signum).name}; the checkpoint is saved")
+    def hand_over(self, step: int, checkpoint: Path) -> None:
+        """After the checkpoint: SIGUSR2 inside submitit goes to submitit's handler, which requeues the job (and
+        exits on rank 0); then, or otherwise, this process ends."""
+        signum = self.received or signal.SIGUSR2
+        previous = self._previous.get(signum)
+        self.close()
+        name = signal.Signals(signum).name
+        if signum == signal.SIGUSR2 and callable(previous):
+            previous(signum, None)  # rank 0 requeues and exits; other ranks return here
+        log.warning("stopped at step %d by %s; the checkpoint is %s: run the same command to continue from it "
+                    "(trainer.resume=auto)", step, name, checkpoint)  # fmt: skip
+        raise Preempted(signum)
 
 
 class StopAgreement:

@@ -21,30 +21,42 @@ CHANGE_THE_RESULT = ("optimizer", "trainer", "sampler", "fid")
 TRAINING_STATE = ("optimizer", "loop", "data", "rng")
 
 
-def find_resume_checkpoint(setting: str, checkpoint_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """`trainer.resume`: never -> None; auto -> the newest intact checkpoint in checkpoint_dir (last.pt, then
-    the periodic ones, newest first), or None when there is none; anything else is the path of one."""
+def find_resume_checkpoint(setting: str, checkpoint_dir: Path, *, run: str | None = None,
+                           trust: bool = False) -> tuple[Path, dict[str, Any]] | None:  # fmt: skip
+    """`trainer.resume`: never -> None; auto -> the newest intact checkpoint of run `run` (the id the run
+    directory records; None accepts any) in checkpoint_dir: last.pt, then the periodic ones, newest first; or
+    None when there is none. Anything else is the path of one. `trust` loads checkpoints without a digest."""
     if setting == "never":
         return None
     if setting != "auto":
         path = Path(setting)
-        return path, load_checkpoint(path, key="trainer.resume")
-    candidates = [p for p in [checkpoint_dir / "last.pt", *periodic_checkpoints(checkpoint_dir)] if p.is_file()]
-    failures = []
+        return path, load_checkpoint(path, key="trainer.resume", trust=trust)
+    last = checkpoint_dir / "last.pt"
+    if last.exists() and not last.is_file():
+        raise CheckpointError(f"{last} is a directory, not a checkpoint: trainer.resume=auto cannot continue from it "
+                              "nor write a new one there; move it away")  # fmt: skip
+    candidates = [p for p in [last, *periodic_checkpoints(checkpoint_dir)] if p.is_file()]
+    failures, foreign = [], []
     for path in candidates:
         try:
-            state = load_checkpoint(path, key="trainer.resume=auto found")
+            state = load_checkpoint(path, key="trainer.resume=auto found:", trust=trust)
         except CheckpointError as error:
             log.warning("%s; trying an older checkpoint", error)
             failures.append(path.name)
             continue
+        if run is not None and state.get("run_id") not in (run, None):
+            log.warning("trainer.resume=auto found %s, which belongs to another run (%s, not %s, the run this "
+                        "directory holds): not continuing it", path, state.get("run_id"), run)  # fmt: skip
+            foreign.append(path.name)
+            continue
         if failures:
             log.warning("resuming from %s (step %d) instead of the damaged %s", path, state["step"], ", ".join(failures))
         return path, state
-    if failures:
+    if failures or foreign:
         raise CheckpointError(
-            f"trainer.resume=auto: every checkpoint in {checkpoint_dir} is damaged ({', '.join(failures)}). "
-            "Start over with trainer.resume=never (this overwrites them) or pass trainer.resume=PATH."
+            f"trainer.resume=auto: no checkpoint in {checkpoint_dir} is an intact one of this run ({', '.join(failures) or 'none'} "
+            f"damaged; {', '.join(foreign) or 'none'} of another run). "
+            "Start over with trainer.resume=never (the files are moved aside) or pass trainer.resume=PATH."
         )
     return None
 

@@ -8,7 +8,7 @@ import torch
 
 from ddpm.errors import ConfigError
 from ddpm.fast_paths import FastPaths, resolve_fast_paths
-from ddpm.validation import Validated, at_least, fraction, one_of
+from ddpm.validation import Validated, at_least, seed_value, fraction, one_of
 
 OFF = "0 turns it off"
 
@@ -35,7 +35,7 @@ class TrainSettings(Validated):
     ema_start: int = at_least(0, 1)
     use_ema: bool = True
     device: str = "auto"
-    seed: int = 0
+    seed: int = seed_value()
     num_workers: int = at_least(0, 4)
     grid_columns: int = at_least(1, 10)  # sample grids: columns x columns images, or one row of this many per class
     sample_at_end: bool = True

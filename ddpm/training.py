@@ -84,7 +84,7 @@ def train(parts: TrainingParts, settings: TrainSettings) -> dict[str, Any]:
             checkpoint(parts, started)
         if stopping:
             barrier(ranks)  # the checkpoint is on disk before anyone requeues
-            parts.stop_signal.hand_over(loop.step)
+            parts.stop_signal.hand_over(loop.step, parts.checkpoints.last)
 
         # A sample grid.
         if parts.grids is not None and settings.sample_rate and loop.step % settings.sample_rate == 0:

@@ -64,10 +64,11 @@ def build_training(
     logger: Any = None, ranks: Ranks = Ranks(), resume: tuple[Path, dict[str, Any]] | None = None,
     test_loader: DataLoader | None = None, sampler: Callable[..., torch.Tensor] = ddpm_ancestral,
     guidance_scale: float = 0.0, evaluator: Callable[[GaussianDiffusion], float] | None = None,
+    run_id: str | None = None,
 ) -> TrainingParts:  # fmt: skip
     """The loop's parts around a built diffusion (prepared for `fast`), its optimizer and its batches. With
     `resume` (the path and contents of a checkpoint this loop wrote) everything continues where it stopped, bit
-    for bit. Rank 0 alone logs (`logger`), tests, samples and evaluates."""
+    for bit. Rank 0 alone logs (`logger`), tests, samples and evaluates; every checkpoint carries `run_id`."""
     if settings.eval_rate and ranks.is_main and evaluator is None:
         raise ValueError("trainer.eval_rate > 0 needs an evaluator (a function of the diffusion giving a FID)")
     logger = logger if ranks.is_main and logger is not None else NullLogger()
@@ -83,7 +84,7 @@ def build_training(
     loop, nonfinite = LoopState().to(device), NonFinitePolicy(settings.skip_nonfinite, device)
     saved = Saved(diffusion, optimizer, batches, noise, loop, nonfinite, logger)
     checkpoints = Checkpointer(run_dir / "checkpoints", saved, rate=settings.checkpoint_rate,
-                               keep=settings.keep_checkpoints, config=config, ranks=ranks)  # fmt: skip
+                               keep=settings.keep_checkpoints, config=config, ranks=ranks, run_id=run_id)  # fmt: skip
     if resume:
         checkpoints.restore(*resume)
     num_classes = diffusion.model.num_classes if settings.use_labels else None

@@ -177,8 +177,7 @@ def _check_arguments(
         raise ConfigError(f"model.norm={norm!r} is not one of {list(NORMS)}")
     if norm == "gn":
         widths = sorted({base_channels * m for m in channel_mults} | {base_channels})
-        bad = [w for w in widths if w % num_groups]
-        if num_groups < 1 or bad:
+        if num_groups < 1 or any(w % num_groups for w in widths):  # (< 1 first: no division by 0)
             raise ConfigError(
                 f"model.num_groups={num_groups} must divide the channel count of every level; "
                 f"model.base_channels={base_channels} x channel_mults={channel_mults} gives {widths}"

@@ -70,8 +70,27 @@ def test_a_truncated_checkpoint_is_detected(tmp_path):
     save_checkpoint(tmp_path / "last.pt", a_state())
     data = (tmp_path / "last.pt").read_bytes()
     (tmp_path / "last.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="last.pt is not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="last.pt is truncated"):
         load_checkpoint(tmp_path / "last.pt")
+
+
+def test_an_empty_file_a_directory_and_another_format_are_named_as_what_they_are(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty.pt is empty \(0 bytes\)"):
+        load_checkpoint(tmp_path / "empty.pt")
+    (tmp_path / "folder.pt").mkdir()
+    with pytest.raises(CheckpointError, match="folder.pt is a directory"):
+        load_checkpoint(tmp_path / "folder.pt")
+    (tmp_path / "image.pt").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    with pytest.raises(CheckpointError, match="image.pt is not a checkpoint: it holds a PNG image"):
+        load_checkpoint(tmp_path / "image.pt")
+
+
+def test_a_checkpoint_without_a_digest_loads_only_when_trusted(tmp_path):
+    torch.save(a_state(), tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="plain.pt carries no digest.*trust_checkpoint=true"):
+        load_checkpoint(tmp_path / "plain.pt")
+    assert load_checkpoint(tmp_path / "plain.pt", trust=True)["step"] == 7
 
 
 def test_flipped_bits_in_the_weights_are_detected(tmp_path):
@@ -108,20 +127,23 @@ def malicious_checkpoint(tmp_path):
     assert not marker.exists(), "unpickling the checkpoint ran code"
 
 
+RUNS_CODE = "holds objects other than tensors and plain values, which are not loaded"
+
+
 def test_loading_refuses_a_checkpoint_that_would_run_code(malicious_checkpoint):
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match=RUNS_CODE):
         load_checkpoint(malicious_checkpoint)
 
 
 def test_sampling_refuses_a_checkpoint_that_would_run_code(malicious_checkpoint):
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match=RUNS_CODE):
         load_diffusion(malicious_checkpoint)
 
 
 def test_resuming_refuses_a_checkpoint_that_would_run_code(malicious_checkpoint):
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match=RUNS_CODE):
         find_resume_checkpoint(str(malicious_checkpoint), malicious_checkpoint.parent)
-    with pytest.raises(CheckpointError, match="every checkpoint .* is damaged"):
+    with pytest.raises(CheckpointError, match="no checkpoint in .* is an intact one of this run \\(last.pt damaged"):
         find_resume_checkpoint("auto", malicious_checkpoint.parent)
 
 
@@ -157,7 +179,7 @@ def test_auto_falls_back_to_the_newest_intact_checkpoint_and_says_so(tmp_path, c
 
 def test_an_explicit_damaged_checkpoint_is_an_error_naming_the_key(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"damaged")
-    with pytest.raises(CheckpointError, match=r"trainer.resume=.*last.pt is not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match=r"trainer.resume=.*last.pt is not a checkpoint: it holds text"):
         find_resume_checkpoint(str(tmp_path / "last.pt"), tmp_path)
 
 

@@ -1,4 +1,4 @@
-"""A run killed with SIGKILL and started again with the same command ends bit-identical to a run that was
+"""A run killed with SIGKILL (or stopped by SIGTERM or SIGINT) and started again with the same command ends bit-identical to a run that was
 never interrupted: weights, EMA, optimizer, random streams, data position and the logged losses.
 
 Each scenario runs `python main.py` in subprocesses (tiny model with dropout, digits, CPU), as a user would.
@@ -127,6 +127,28 @@ def test_a_run_killed_at_a_random_moment_resumes_bit_identical(uninterrupted, tm
 
     run_main(*command)  # the same command again: it must continue, not restart
     check_same_as_uninterrupted(run_dir, uninterrupted, resumed_from=killed_at)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_and_sigint_finish_the_step_write_a_checkpoint_and_the_run_resumes_bit_identical(
+    signum, uninterrupted, tmp_path
+):  # fmt: skip
+    run_dir = tmp_path / "run"
+    command = [*TINY, f"hydra.run.dir={run_dir}"]
+    process = start_main(*command)
+    wait_for(run_dir / "checkpoints" / "step_0000012.pt", process)
+    process.send_signal(signum)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 128 + signum, output  # 143 for SIGTERM, 130 for SIGINT, as shells report them
+    assert "Traceback" not in output, output
+    [line] = [line for line in output.splitlines() if f"by {signal.Signals(signum).name}" in line]
+    stopped_at = load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"]
+    assert f"stopped at step {stopped_at} by {signal.Signals(signum).name}" in line, output
+    assert str(run_dir / "checkpoints" / "last.pt") in line and "the same command" in line, output
+    assert 12 <= stopped_at < ITERATIONS
+
+    run_main(*command)  # the same command again continues from the step the signal stopped at
+    check_same_as_uninterrupted(run_dir, uninterrupted, resumed_from=stopped_at)
 
 
 # Runs main.py with torch.save replaced by one that writes half of the third checkpoint and then kills its own

@@ -39,7 +39,7 @@ def test_every_settings_node_is_checked_alike(task, overrides, message):
 
 def test_an_unknown_key_added_with_plus_is_refused_with_the_closest_known_one():
     cfg = compose_config("task=sample", "+sample.num_image=3")
-    with pytest.raises(ConfigError, match=r"sample.num_image is not a setting of sample; did you mean sample.num_images\?"):
+    with pytest.raises(ConfigError, match=r"sample.num_image is not a setting of sample \(nothing would read it\); did you mean sample.num_images\?"):
         build_settings(cfg.sample)
 
 

@@ -5,6 +5,7 @@ stopped. So nothing here draws from a global random stream: epoch e's order and 
 come from a generator seeded with (seed, e), and each batch is loaded under its own seed, in whichever worker.
 """
 
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,6 +13,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ddpm.errors import ConfigError
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT and SIGTERM to the main process, which stops at a step boundary with a
+    checkpoint (ddpm.preemption): Ctrl-C, and SLURM's SIGTERM, reach every process of the group, and a worker
+    they ended would fail the step in flight. Workers end with the main process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class SeededBatches(Dataset):
@@ -129,6 +138,7 @@ class TrainingBatches(ResumableBatches):
                 pin_memory=self.pin_memory,
                 # Worker seeds come from here, not from the global stream the training step draws from.
                 generator=torch.Generator().manual_seed(self.seed),
+                worker_init_fn=ignore_stop_signals,
             )
             self._iterator = iter(loader)
         batch = next(self._iterator)
@@ -141,4 +151,5 @@ def evaluation_batches(dataset: Dataset, batch_size: int, *, num_workers: int) -
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
         generator=torch.Generator().manual_seed(0),  # leaves the global stream alone at every pass
+        worker_init_fn=ignore_stop_signals,
     )  # fmt: skip

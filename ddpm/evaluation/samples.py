@@ -3,12 +3,14 @@ atomically, and the shards of a sharded run (shard_I_of_N.npz, with the settings
 
 import json
 import re
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 from hydra.utils import to_absolute_path
 
-from ddpm.checkpoint import write_atomically
+from ddpm.checkpoint import check_file, file_kind, write_atomically
 from ddpm.errors import ConfigError
 
 SHARD_FILE = re.compile(r"shard_(\d+)_of_(\d+)\.npz")
@@ -25,15 +27,27 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray], meta: dict | None = None
     return write_atomically(path, lambda file: np.savez(file, **arrays))
 
 
+def read_npz(path: Path, key: str) -> dict[str, np.ndarray]:
+    """Every array of the npz file `path`, or ConfigError naming `key` when it is not one (missing, a
+    directory, empty, truncated, another format)."""
+    head = check_file(path, key, ConfigError)
+    if not head.startswith(b"PK"):
+        raise ConfigError(f"{key}={path} is not an npz file: it holds {file_kind(head)}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error) as error:
+        reason = next(iter(str(error).splitlines()), "") or type(error).__name__
+        raise ConfigError(f"{key}={path} is truncated or damaged: it cannot be read as an npz file ({reason})") from error
+
+
 def read_samples(path: str | Path) -> np.ndarray:
     """uint8 N x H x W x C images from a guided-diffusion style npz (arr_0)."""
     path = Path(to_absolute_path(str(path)))
-    if not path.is_file():
-        raise ConfigError(f"eval.samples={path} does not exist")
-    with np.load(path, allow_pickle=False) as data:
-        if "arr_0" not in data:
-            raise ConfigError(f"eval.samples={path} has no arr_0 (images N x H x W x C, uint8)")
-        images = data["arr_0"]
+    data = read_npz(path, "eval.samples")
+    if "arr_0" not in data:
+        raise ConfigError(f"eval.samples={path} has no arr_0 (images N x H x W x C, uint8)")
+    images = data["arr_0"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ConfigError(f"eval.samples={path}: arr_0 is {images.dtype} {images.shape}, expected uint8 N x H x W x (1 or 3)")
     return images
@@ -58,9 +72,12 @@ def merge_shards(directory: str | Path) -> tuple[dict[str, np.ndarray], dict]:
         raise ConfigError(f"eval.merge={directory} lacks {len(missing)} of {total} shards: {', '.join(missing)}")
     parts, metas = [], []
     for index in range(total):
-        with np.load(found[(index, total)], allow_pickle=False) as data:
-            parts.append({key: data[key] for key in data.files if key != "meta"})
-            metas.append(json.loads(str(data["meta"])))
+        data = read_npz(found[(index, total)], "eval.merge")
+        if "meta" not in data:
+            raise ConfigError(f"eval.merge={directory}: {shard_name(index, total)} holds no meta (the settings it was "
+                              "drawn with): not a shard of task=evaluate eval.num_shards=N")  # fmt: skip
+        parts.append({key: value for key, value in data.items() if key != "meta"})
+        metas.append(json.loads(str(data["meta"])))
     first = {k: v for k, v in metas[0].items() if k != "shard"}
     for index, meta in enumerate(metas):
         if {k: v for k, v in meta.items() if k != "shard"} != first:

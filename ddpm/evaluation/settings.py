@@ -8,7 +8,7 @@ import torch
 from hydra.utils import instantiate
 
 from ddpm.errors import ConfigError
-from ddpm.validation import Validated, at_least
+from ddpm.validation import Validated, at_least, seed_value
 
 # Sampler names of eval.nfe_samplers -> their functions; ddpm has no step count (it takes every timestep).
 SWEEP_SAMPLERS = {
@@ -40,7 +40,7 @@ class EvalSettings(Validated):
 
     num_samples: int = at_least(1, 50_000)
     batch_size: int = at_least(1, 250)  # images per sampling batch; also the unit of sharding
-    seed: int = 0
+    seed: int = seed_value()
     use_ema: bool = True
     device: str = "auto"
     samples: str | None = None  # PATH.npz: evaluate it, generate nothing

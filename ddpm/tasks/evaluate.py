@@ -42,10 +42,23 @@ log = logging.getLogger(__name__)
 def check_settings(cfg: DictConfig) -> EvalSettings:
     """Every eval.* value, and a source of samples, before anything slow happens; errors name the key."""
     settings: EvalSettings = build_settings(cfg.eval)
-    if not (settings.samples or settings.merge) and cfg.checkpoint is None:
+    if not (settings.samples or settings.merge) and not cfg.checkpoint:
         raise ConfigError("task=evaluate needs checkpoint=PATH (to draw samples), eval.samples=PATH.npz or "
                           "eval.merge=SHARD_DIR")  # fmt: skip
     return settings
+
+
+def training_dataset(cfg: DictConfig, checkpoint_config: dict, checkpoint: str) -> DictConfig:
+    """The data to compare the samples with: the checkpoint's training data, unless the command line names a
+    dataset, which must then be that data (FID against other data is a silent mistake)."""
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    named = any(o.lstrip("+~").split("=")[0].split(".")[0] == "dataset" for o in overrides)
+    trained = checkpoint_config.get("dataset", {})
+    if not named and trained.get("_target_") != cfg.dataset.get("_target_"):
+        log.info("comparing with the checkpoint's training data (dataset %s)", trained.get("_target_"))
+        return OmegaConf.create(trained)
+    check_dataset_matches(cfg, checkpoint_config, checkpoint)
+    return cfg.dataset
 
 
 def check_dataset_matches(cfg: DictConfig, checkpoint_config: dict, checkpoint: str) -> None:
@@ -92,26 +105,29 @@ def run(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(settings.device, key="eval.device")
-    if settings.num_shards == 1:
-        # Before drawing anything: missing Inception weights or data fail in seconds, not after hours of sampling.
-        extractor = fid.build_extractor(device)
-        reference = reference_statistics(fid, cfg.dataset, cfg.paths.data_dir, extractor)
 
+    # The source of the samples first: a bad file or checkpoint fails in seconds.
     source: dict[str, Any] = {}
+    dataset, images, arrays = cfg.dataset, None, None
     if settings.merge:
         arrays, meta = merge_shards(settings.merge)
         images, source = arrays["arr_0"], {"merged_from": str(to_absolute_path(settings.merge)), **meta}
-        save_npz(run_dir / "samples.npz", arrays)
     elif settings.samples:
         images, source = read_samples(settings.samples), {"samples": str(to_absolute_path(settings.samples))}
     else:
-        diffusion, state = load_diffusion(to_absolute_path(cfg.checkpoint), device)
-        check_dataset_matches(cfg, state["config"], cfg.checkpoint)
+        diffusion, state = load_diffusion(to_absolute_path(cfg.checkpoint), device, trust=cfg.trust_checkpoint)
+        dataset = training_dataset(cfg, state["config"], cfg.checkpoint)
         precision = prepare_for_sampling(diffusion, device=device, precision=settings.precision,
                                          compile=settings.compile, key="eval")  # fmt: skip
+        sampler, guidance_scale = build_sampler(cfg.sampler, diffusion.betas)
+    if settings.num_shards == 1:
+        # Before drawing anything: missing Inception weights or data fail in seconds, not after hours of sampling.
+        extractor = fid.build_extractor(device)
+        reference = reference_statistics(fid, dataset, cfg.paths.data_dir, extractor)
+
+    if images is None:
         if settings.nfe_sweep is not None:
             return run_sweep(cfg, settings, fid, diffusion, extractor, reference, device, run_dir, precision)
-        sampler, guidance_scale = build_sampler(cfg.sampler)
         source = {"checkpoint": cfg.checkpoint, "step": state["step"], "seed": settings.seed,
                   "num_samples": settings.num_samples, "batch_size": settings.batch_size, "use_ema": settings.use_ema,
                   "sampler": OmegaConf.to_container(cfg.sampler, resolve=True)}  # fmt: skip
@@ -124,6 +140,7 @@ def run(cfg: DictConfig) -> dict:
             log.info("wrote %s (%d images); merge with task=evaluate eval.merge=%s", path, len(arrays["arr_0"]), shard_dir)
             return {"shard": str(path), "count": len(arrays["arr_0"])}
         images = arrays["arr_0"]
+    if arrays is not None:
         save_npz(run_dir / "samples.npz", arrays)
 
     result = {**metrics_of(images, settings, fid, extractor, reference, device), **source}

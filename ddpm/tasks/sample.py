@@ -19,7 +19,7 @@ from ddpm.evaluation.samples import save_npz
 from ddpm.fast_paths import prepare_for_sampling
 from ddpm.generation import ImageBatch, as_arrays, balanced_labels, draw_images
 from ddpm.images import save_images, save_sequence_strip
-from ddpm.validation import Validated, at_least, build_settings
+from ddpm.validation import Validated, at_least, seed_value, build_settings
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class SampleSettings(Validated):
 
     num_images: int = at_least(1, 1000)
     batch_size: int = at_least(1, 250)
-    seed: int = 0
+    seed: int = seed_value()
     out_dir: str | None = None
     use_ema: bool = True
     labels: list[int] | None = None
@@ -48,7 +48,7 @@ class SampleSettings(Validated):
 
 
 def check_settings(cfg: DictConfig) -> SampleSettings:
-    if cfg.checkpoint is None:
+    if not cfg.checkpoint:  # null, or `checkpoint=` with nothing after it
         raise ConfigError("task=sample needs checkpoint=PATH (e.g. outputs/runs/.../checkpoints/last.pt)")
     return build_settings(cfg.sample)
 
@@ -102,12 +102,12 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(to_absolute_path(settings.out_dir)) if settings.out_dir else run_dir / "samples"
     device = resolve_device(settings.device, key="sample.device")
 
-    diffusion, state = load_diffusion(to_absolute_path(cfg.checkpoint), device)
+    diffusion, state = load_diffusion(to_absolute_path(cfg.checkpoint), device, trust=cfg.trust_checkpoint)
     check_overrides_match(cfg, state["config"], cfg.checkpoint)
     precision = prepare_for_sampling(diffusion, device=device, precision=settings.precision, compile=settings.compile,
                                      key="sample")  # fmt: skip
     classes = chosen_classes(settings.labels, diffusion.model.num_classes, cfg.checkpoint)
-    sampler, guidance_scale = build_sampler(cfg.sampler)
+    sampler, guidance_scale = build_sampler(cfg.sampler, diffusion.betas)
     labels = balanced_labels(settings.num_images, classes) if classes else None
     log.info("sampling %d images from %s (step %d, %s weights) into %s", settings.num_images, cfg.checkpoint,
              state["step"], "EMA" if settings.use_ema and diffusion.ema else "raw", out_dir)  # fmt: skip

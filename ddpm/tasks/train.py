@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.build import build_diffusion, build_optimizer, build_sampler
+from ddpm.build import build_diffusion, build_optimizer, build_sampler, check_model_fits_data
 from ddpm.checkpoint import remove_temporaries
 from ddpm.data.device import DeviceBatches, in_memory_images
 from ddpm.data.loader import TrainingBatches, evaluation_batches
@@ -22,6 +22,7 @@ from ddpm.fast_paths import FastPaths, prepare_diffusion
 from ddpm.preflight import check_storage, estimated_checkpoint_bytes
 from ddpm.resume import check_resumable, find_resume_checkpoint
 from ddpm.rng import seed_everything
+from ddpm.run_directory import move_earlier_run_aside, record_run, run_id
 from ddpm.train_settings import TrainSettings
 from ddpm.training import train
 from ddpm.training_setup import build_training
@@ -44,7 +45,7 @@ def run(cfg: DictConfig) -> dict:
 
 def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device, ranks: Ranks) -> dict:
     """YAML -> data -> checkpoint to resume -> diffusion -> optimizer -> fast paths -> sampler -> batches ->
-    preflight, evaluator, logger (rank 0) -> the loop's parts -> the loop -> summary.json.
+    preflight, evaluator, an earlier run moved aside, logger (rank 0) -> the loop's parts -> the loop -> summary.json.
 
     Everything that can be wrong with the config, the data, the checkpoint or the disk is found before the
     first step, and nothing in the run directory is written before that.
@@ -56,9 +57,10 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
     configure_backends(device, settings.deterministic)
     train_set = instantiate(cfg.dataset, split="train")
     test_set = instantiate(cfg.dataset, split="test")
+    check_model_fits_data(cfg.model, train_set[0][0])
 
     resume_setting = settings.resume if settings.resume in ("auto", "never") else to_absolute_path(settings.resume)
-    resume = find_resume_checkpoint(resume_setting, checkpoint_dir)
+    resume = find_resume_checkpoint(resume_setting, checkpoint_dir, run=run_id(run_dir), trust=cfg.trust_checkpoint)
     if resume:
         check_resumable(*resume, config)
 
@@ -66,10 +68,13 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
     diffusion = build_diffusion(cfg).to(device)
     optimizer = build_optimizer(cfg, diffusion.model.parameters())
     prepare_diffusion(diffusion, fast)
-    sampler, guidance_scale = build_sampler(cfg.sampler)  # for the sample grids
+    sampler, guidance_scale = build_sampler(cfg.sampler, diffusion.betas)  # for the sample grids
     if guidance_scale and diffusion.model.null_label is None:
         raise ConfigError(f"sampler.guidance_scale={guidance_scale} for the sample grids needs trainer.use_labels=true "
                           "and trainer.label_dropout > 0")
+    if settings.eval_rate and settings.eval_steps > diffusion.num_timesteps:
+        raise ConfigError(f"trainer.eval_steps={settings.eval_steps} (DDIM steps of the cheap FID) must be <= "
+                          f"schedule.num_timesteps={diffusion.num_timesteps}")  # fmt: skip
     if ranks.rank:
         seed_everything(settings.seed + ranks.rank)  # but each rank its own dropout draws
     batches = training_batches(train_set, local_batch_size(settings.batch_size, ranks), settings, fast, device, ranks)
@@ -79,7 +84,7 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
         else None
     )  # fmt: skip
 
-    evaluator, logger = None, None
+    evaluator, logger, identity = None, None, None
     if ranks.is_main:  # rank 0 alone measures FIDs, logs and writes
         check_storage(checkpoint_dir, estimated_checkpoint_bytes(diffusion.model, diffusion.ema is not None),
                       settings.keep_checkpoints)  # fmt: skip
@@ -94,6 +99,11 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
         for leftover in remove_temporaries(checkpoint_dir):
             log.info("removed %s, left by a checkpoint write that was interrupted", leftover.name)
         log_start(diffusion, optimizer, batches, len(train_set), fast, device, ranks, run_dir, resume, settings)
+        # Every check has passed: from here on the run writes. A new run first moves an earlier one's files aside.
+        if resume is None and (moved := move_earlier_run_aside(run_dir)):
+            log.warning("moved the files of the earlier run in %s to %s (trainer.resume=%s)", run_dir, moved,
+                        settings.resume)  # fmt: skip
+        identity = record_run(run_dir, resume[1].get("run_id") if resume else None)
         logger = instantiate(cfg.logger)(
             run_dir=run_dir, config=config,
             resume_step=resume[1]["step"] if resume else None, resume_state=resume[1].get("logger") if resume else None,
@@ -103,7 +113,7 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
     try:
         with build_training(diffusion, optimizer, batches, settings, fast=fast, device=device, run_dir=run_dir,
                             config=config, logger=logger, ranks=ranks, resume=resume, test_loader=test_loader,
-                            sampler=sampler, guidance_scale=guidance_scale, evaluator=evaluator) as parts:  # fmt: skip
+                            sampler=sampler, guidance_scale=guidance_scale, evaluator=evaluator, run_id=identity) as parts:  # fmt: skip
             summary = train(parts, settings)
     finally:
         if logger is not None:

@@ -1,0 +1,397 @@
+"""The fault catalogue: every fault on the way into or out of a run ends in one line, with nothing lost.
+
+Each case below is one bad command, grouped by the class of fault (checkpoint files, sample files, the run
+directory, values, data). For each, `python main.py ...` (run in this process, as Hydra runs it) must exit with
+status 1, print exactly one error line that holds the given substrings (the key, the value, what is allowed),
+show no traceback, and leave the checkpoints of two existing runs byte for byte as they were.
+
+Faults that need a second process or a timing (two runs in one directory, a worker killed, a disk that fills
+during a run, SIGTERM and SIGINT) have tests of their own below and in test_resume.py.
+"""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import PROJECT_ROOT, user_environment
+from ddpm.checkpoint import load_checkpoint, save_checkpoint
+from main_in_process import RUN, SAMPLE, checkpoint_files, command, main_py, run_main_in_process, runs  # noqa: F401
+
+EVALUATE = ["task=evaluate", "logger=none", "fid=tiny", "eval.device=cpu", "eval.num_samples=4", "eval.batch_size=2",
+            "eval.is_splits=2", "eval.pr_k=1"]
+IS_ROOT = os.geteuid() == 0
+
+
+def case(kind: str, base: list[str], overrides: list[str], *expected: str, id: str, resume: str | None = None):
+    """One bad command of class `kind`: `base` with `overrides`, and the substrings its error line must hold.
+    resume="never" starts over in the run directory, so that the value's own check is what refuses it."""
+    if resume:
+        overrides = [*overrides, f"trainer.resume={resume}"]
+    return pytest.param(base, overrides, expected, id=f"{kind}:{id}")
+
+
+CATALOGUE = [
+    # Checkpoint files: empty, truncated, directories, not zip archives, without a digest, of another model.
+    case("checkpoint", SAMPLE, ["checkpoint={empty}"], "checkpoint={empty} is empty (0 bytes)", id="sample-empty"),
+    case("checkpoint", RUN, ["trainer.resume={empty}"], "trainer.resume={empty} is empty (0 bytes)", id="resume-empty"),
+    case("checkpoint", SAMPLE, ["checkpoint={truncated}"], "checkpoint={truncated} is truncated", id="sample-truncated"),
+    case("checkpoint", RUN, ["trainer.resume={truncated}"], "trainer.resume={truncated} is truncated",
+         id="resume-truncated"),  # fmt: skip
+    case("checkpoint", SAMPLE, ["checkpoint={a_dir}"], "checkpoint={a_dir} is a directory", id="sample-directory"),
+    case("checkpoint", RUN, ["trainer.resume={a_dir}"], "trainer.resume={a_dir} is a directory",
+         id="resume-directory"),  # fmt: skip
+    case("checkpoint", SAMPLE, ["checkpoint={png_pt}"], "checkpoint={png_pt} is not a checkpoint", "a PNG image",
+         id="sample-png-renamed"),  # fmt: skip
+    case("checkpoint", RUN, ["trainer.resume={png_pt}"], "trainer.resume={png_pt} is not a checkpoint", "a PNG image",
+         id="resume-png-renamed"),  # fmt: skip
+    case("checkpoint", SAMPLE, ["checkpoint={text_pt}"], "checkpoint={text_pt} is not a checkpoint", "text",
+         id="sample-text"),  # fmt: skip
+    case("checkpoint", SAMPLE, ["checkpoint={undigested}"], "checkpoint={undigested} carries no digest",
+         "trust_checkpoint=true", id="sample-no-digest"),  # fmt: skip
+    case("checkpoint", RUN, ["trainer.resume={undigested}"], "trainer.resume={undigested} carries no digest",
+         "trust_checkpoint=true", id="resume-no-digest"),  # fmt: skip
+    case("checkpoint", EVALUATE, ["checkpoint={undigested}"], "checkpoint={undigested} carries no digest",
+         id="evaluate-no-digest"),  # fmt: skip
+    case("checkpoint", RUN, ["trainer.resume={swapped}"], "trainer.resume={swapped}",
+         "weights are not those of the model", id="resume-weights-of-another-model"),  # fmt: skip
+    case("checkpoint", SAMPLE, ["checkpoint="], "task=sample needs checkpoint=PATH", id="sample-empty-path"),
+    case("checkpoint", EVALUATE, ["checkpoint={a_dir}"], "checkpoint={a_dir} is a directory",
+         id="evaluate-directory"),  # fmt: skip
+    case("checkpoint", SAMPLE, ["checkpoint={cond}", "trust_checkpoint=maybe"],
+         "trust_checkpoint='maybe' must be of type bool", id="trust-checkpoint-not-bool"),  # fmt: skip
+    # Sample files given to task=evaluate: not npz, truncated, directories, shards that are not npz.
+    case("samples", EVALUATE, ["eval.samples={npz_truncated}"], "eval.samples={npz_truncated}", "truncated",
+         id="npz-truncated"),  # fmt: skip
+    case("samples", EVALUATE, ["eval.samples={png_npz}"], "eval.samples={png_npz} is not an npz file", "a PNG image",
+         id="npz-is-png"),  # fmt: skip
+    case("samples", EVALUATE, ["eval.samples={text_pt}"], "eval.samples={text_pt} is not an npz file",
+         id="npz-is-text"),  # fmt: skip
+    case("samples", EVALUATE, ["eval.samples={a_dir}"], "eval.samples={a_dir} is a directory", id="npz-directory"),
+    case("samples", EVALUATE, ["eval.merge={merge_truncated}"], "eval.merge={merge_truncated}", "shard_0_of_1.npz",
+         "truncated", id="merge-truncated-shard"),  # fmt: skip
+    case("samples", EVALUATE, ["eval.merge={merge_png}"], "eval.merge={merge_png}", "shard_0_of_1.npz",
+         "a PNG image", id="merge-png-shard"),  # fmt: skip
+    # The run directory: a file, under a file, read-only, on a full disk; checked before Hydra writes there.
+    case("run-dir", RUN, ["hydra.run.dir={a_file}"], "hydra.run.dir={a_file}", "is a file", id="run-dir-is-a-file"),
+    case("run-dir", RUN, ["hydra.run.dir={a_file}/run"], "hydra.run.dir={a_file}/run", "cannot be created",
+         id="run-dir-under-a-file"),  # fmt: skip
+    case("run-dir", SAMPLE, ["checkpoint={cond}", "hydra.run.dir={a_file}"], "hydra.run.dir={a_file}", "is a file",
+         id="sample-run-dir-is-a-file"),  # fmt: skip
+    case("run-dir", RUN, ["hydra.run.dir={read_only}/run"], "hydra.run.dir={read_only}/run", "cannot be",
+         id="run-dir-read-only"),  # fmt: skip
+    case("run-dir", RUN, ["hydra.run.dir={full_disk}/run"], "hydra.run.dir={full_disk}/run", "MB free",
+         id="run-dir-disk-full"),  # fmt: skip
+    case("run-dir", RUN, ["hydra.run.dir={last_pt_is_dir}"], "{last_pt_is_dir}/checkpoints/last.pt is a directory",
+         id="last-pt-is-a-directory"),  # fmt: skip
+    # Values, all checked before the first step: the samplers the run uses, seeds, devices, booleans given as
+    # strings, channel counts against the dataset, learning rates, keys added with +, and names as typed.
+    case("value", RUN, ["sampler=ddim", "sampler.eta=-1"], "sampler.eta=-1", ">= 0", id="grid-sampler-eta"),
+    case("value", RUN, ["sampler=ddim", "sampler.steps=0"], "sampler.steps=0", "1..50", id="grid-sampler-steps"),
+    case("value", RUN, ["sampler=dpm_solver", "sampler.steps=51"], "sampler.steps=51", "1..50",
+         id="grid-sampler-steps-above-timesteps"),  # fmt: skip
+    case("value", RUN, ["sampler.variance=wide"], "sampler.variance='wide' is not one of", id="grid-sampler-variance"),
+    case("value", RUN, ["sampler=ddim", "sampler.eta=lots"], "sampler.eta='lots' must be of type float",
+         id="grid-sampler-eta-str"),  # fmt: skip
+    case("value", RUN, ["trainer.eval_rate=1", "fid=tiny", "trainer.eval_steps=51"], "trainer.eval_steps=51",
+         "schedule.num_timesteps=50", id="fid-sampler-steps"),  # fmt: skip
+    case("value", RUN, ["trainer.seed=-1"], "trainer.seed=-1 must be >= 0", id="trainer-seed-negative"),
+    case("value", SAMPLE, ["checkpoint={cond}", "sample.seed=abc"], "sample.seed='abc' must be of type int",
+         id="sample-seed-str"),  # fmt: skip
+    case("value", SAMPLE, ["checkpoint={cond}", "sample.seed=-5"], "sample.seed=-5 must be >= 0", id="sample-seed-neg"),
+    case("value", EVALUATE, ["checkpoint={cond}", "eval.seed=-1"], "eval.seed=-1 must be >= 0", id="eval-seed-neg"),
+    case("value", RUN, ["trainer.device=mps"], "trainer.device='mps'", "auto, cpu, cuda or cuda:N", id="device-mps"),
+    case("value", RUN, ["trainer.device=meta"], "trainer.device='meta'", "auto, cpu, cuda or cuda:N",
+         id="device-meta"),  # fmt: skip
+    case("value", SAMPLE, ["checkpoint={cond}", "sample.device=meta"], "sample.device='meta'", id="sample-device-meta"),
+    case("value", RUN, ["model.in_channels=3"], "model.in_channels=3", "1 channel", resume="never",
+         id="in-channels-vs-dataset"),  # fmt: skip
+    case("value", RUN, ["model.out_channels=3"], "model.out_channels=3", "model.in_channels=1", resume="never",
+         id="out-channels-vs-dataset"),  # fmt: skip
+    case("value", SAMPLE, ["checkpoint={cond}", "sample.use_ema=maybe"], "sample.use_ema='maybe' must be of type bool",
+         id="sample-use-ema-str"),  # fmt: skip
+    case("value", RUN, ["trainer.use_ema=maybe"], "trainer.use_ema='maybe' must be of type bool", id="use-ema-str"),
+    case("value", RUN, ["+lerning_rate=0.1"], "lerning_rate=0.1 is not a key of the config", id="added-unknown-top-level-key"),
+    case("value", RUN, ["+optimizer.lerning_rate=0.1"], "optimizer.lerning_rate is not a setting of optimizer", "'lr'",
+         id="added-unknown-optimizer-key"),  # fmt: skip
+    case("value", RUN, ["+model.dropuot=0.1"], "model.dropuot", "did you mean model.dropout",
+         id="added-unknown-model-key"),  # fmt: skip
+    case("value", RUN, ["+sampler.etaa=0.5"], "sampler.etaa", "did you mean", id="added-unknown-sampler-key"),
+    case("value", RUN, ["+trainer.lerning_rate=0.1"], "trainer.lerning_rate", id="added-unknown-trainer-key"),
+    case("value", RUN, ["optimizer.lr=inf"], "optimizer.lr=inf", "finite number > 0", id="lr-inf"),
+    case("value", RUN, ["optimizer.lr=nan"], "optimizer.lr=nan", "finite number > 0", id="lr-nan"),
+    case("value", RUN, ["optimizer.lr=0"], "optimizer.lr=0", "finite number > 0", id="lr-zero"),
+    case("value", RUN, ["model.num_groups=0"], "model.num_groups=0", resume="never", id="num-groups-zero"),
+    case("value", RUN, ["dataset.image_size=9"], "dataset.image_size=9", resume="never",
+         id="image-size-named-as-typed"),  # fmt: skip
+    # Data: a file a worker cannot decode is named.
+    case("data", RUN, ["dataset=folder", "dataset.path={truncated_jpeg_dir}", "dataset.image_size=8",
+                       "dataset.channels=1", "trainer.use_labels=false", "trainer.num_workers=1", "trainer.batch_size=2",
+                       "hydra.run.dir={tmp}/jpeg_run"],
+         "broken.jpg", "dataset.path={truncated_jpeg_dir}", id="worker-cannot-decode"),  # fmt: skip
+]
+
+
+@pytest.fixture(scope="module")
+def files(runs, tmp_path_factory) -> dict[str, Path]:
+    """Every bad file and folder a case may name."""
+    tmp = tmp_path_factory.mktemp("faults")
+    cond = runs["cond_run"] / "checkpoints" / "last.pt"
+    state = load_checkpoint(cond)
+    paths: dict[str, Path] = {"tmp": tmp, "cond": cond}
+
+    def file(name: str, content: bytes) -> Path:
+        paths[name.split(".")[0]] = tmp / name
+        (tmp / name).write_bytes(content)
+        return tmp / name
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    file("empty.pt", b"")
+    file("truncated.pt", cond.read_bytes()[: cond.stat().st_size // 2])
+    paths["png_pt"] = file("png.pt", png.getvalue())
+    paths["text_pt"] = file("text.pt", b"step: 7\nweights: none\n")
+    undigested = tmp / "undigested.pt"
+    torch.save(state, undigested)  # a complete checkpoint without the digest
+    paths["undigested"] = undigested
+    swapped = {**state, "model": {k: v[..., :1] if v.ndim else v for k, v in state["model"].items()}}
+    paths["swapped"] = save_checkpoint(tmp / "swapped.pt", swapped)  # intact, but weights of other shapes
+    (tmp / "a_dir").mkdir()
+    paths["a_dir"] = tmp / "a_dir"
+    paths["a_file"] = file("a_file", b"a file where a directory should be")
+
+    arrays = io.BytesIO()
+    np.savez(arrays, arr_0=np.zeros((4, 8, 8, 1), np.uint8))
+    paths["npz_truncated"] = file("npz_truncated.npz", arrays.getvalue()[:200])
+    paths["png_npz"] = file("png_npz.npz", png.getvalue())
+    for name, content in (("merge_truncated", arrays.getvalue()[:200]), ("merge_png", png.getvalue())):
+        (tmp / name).mkdir()
+        (tmp / name / "shard_0_of_1.npz").write_bytes(content)
+        paths[name] = tmp / name
+
+    last_pt_is_dir = tmp / "last_pt_is_dir"
+    (last_pt_is_dir / "checkpoints" / "last.pt").mkdir(parents=True)
+    paths["last_pt_is_dir"] = last_pt_is_dir
+
+    jpeg_dir = tmp / "truncated_jpeg"
+    jpeg_dir.mkdir()
+    for index in range(3):
+        Image.new("L", (8, 8), color=index * 80).save(jpeg_dir / f"{index}.png")
+    jpeg = io.BytesIO()
+    Image.effect_noise((64, 64), 40).save(jpeg, format="JPEG", quality=90)
+    (jpeg_dir / "broken.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])  # the header is intact
+    paths["truncated_jpeg_dir"] = jpeg_dir
+
+    with mounted_tmpfs(tmp / "read_only", "ro,size=64m") as read_only, mounted_tmpfs(tmp / "full", "size=1m") as full:
+        paths["read_only"] = read_only
+        filler = full / "filler"
+        with open(filler, "wb") as handle:
+            try:
+                while True:
+                    handle.write(b"\0" * 65536)
+                    handle.flush()
+            except OSError:
+                pass
+        paths["full_disk"] = full
+        yield paths
+
+
+class mounted_tmpfs:
+    """A small tmpfs at `path` with mount `options` (as root), or, for other users, a folder made read-only with
+    chmod (options with ro) or None (a full disk cannot be made without mounting)."""
+
+    def __init__(self, path: Path, options: str):
+        self.path, self.options, self.mounted = path, options, False
+
+    def __enter__(self) -> Path | None:
+        self.path.mkdir()
+        if IS_ROOT:
+            result = subprocess.run(["mount", "-t", "tmpfs", "-o", self.options, "tmpfs", str(self.path)],
+                                    capture_output=True, text=True)  # fmt: skip
+            self.mounted = result.returncode == 0
+        if not self.mounted and "ro" in self.options.split(","):
+            self.path.chmod(0o555)
+            return self.path if os.access(self.path, os.W_OK) is False else None
+        return self.path if self.mounted else None
+
+    def __exit__(self, *exc_info) -> None:
+        if self.mounted:
+            subprocess.run(["umount", str(self.path)], check=False)
+        self.path.chmod(0o755)
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if "[ERROR]" in line]
+
+
+@pytest.mark.parametrize("base, overrides, expected", CATALOGUE)
+def test_a_fault_ends_in_one_line_with_nothing_lost(base, overrides, expected, runs, files, capfd):
+    needed = [name for name in ("read_only", "full_disk") if any(f"{{{name}}}" in o for o in overrides)]
+    if any(files[name] is None for name in needed):
+        pytest.skip(f"{needed} needs root (a tmpfs mount) here")
+    run_dir = runs["cond_run"] if base is RUN else files["tmp"] / "run"
+    args = command([*base, f"hydra.run.dir={run_dir}"], overrides, files)
+    before = checkpoint_files(runs)
+
+    code, output = run_main_in_process(args, capfd)
+
+    shown = f"python main.py {' '.join(args)}\n--- exit status {code}, output:\n{output}"
+    assert code == 1, f"expected exit status 1:\n{shown}"
+    errors = error_lines(output)
+    assert len(errors) == 1, f"expected exactly one error line:\n{shown}"
+    for text in expected:
+        assert text.format(**files) in errors[0], f"expected {text.format(**files)!r} in the error line:\n{shown}"
+    assert "Traceback" not in output, f"a traceback:\n{shown}"
+    assert checkpoint_files(runs) == before, f"the existing checkpoints were changed:\n{shown}"
+
+
+def test_the_catalogue_covers_every_class_with_several_cases():
+    kinds = [param.id.split(":")[0] for param in CATALOGUE]
+    assert len(CATALOGUE) >= 40
+    assert all(kinds.count(kind) >= 5 for kind in ("checkpoint", "samples", "run-dir", "value")), kinds
+
+
+# --- Faults that need a second process or a moment in a run ------------------------------------------------------
+
+LONG_RUN = command(RUN, ["trainer.iterations=100000", "trainer.log_rate=0", "trainer.keep_checkpoints=1"], {})
+
+
+def long_run(*overrides: str) -> list[str]:
+    return command(LONG_RUN, list(overrides), {})
+
+
+def start_main(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(PROJECT_ROOT / "main.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=user_environment(), cwd=PROJECT_ROOT)  # fmt: skip
+
+
+def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"main.py ended before {what}:\n{process.stdout.read()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"no {what} within {timeout} s")
+        time.sleep(0.01)
+
+
+def stop(process: subprocess.Popen) -> str:
+    if process.poll() is None:
+        process.kill()
+    output, _ = process.communicate(timeout=60)
+    return output
+
+
+def test_two_runs_in_one_directory_the_second_refuses_naming_the_first(tmp_path, capfd):
+    run_dir = tmp_path / "run"
+    first = start_main(*long_run(f"hydra.run.dir={run_dir}"))
+    try:
+        wait_for(lambda: (run_dir / "checkpoints" / "step_0000002.pt").exists(), first, "a checkpoint")
+        hydra_files = {p: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
+        code, output = run_main_in_process(long_run("trainer.seed=1", f"hydra.run.dir={run_dir}"), capfd)
+        [error] = error_lines(output)
+        assert code == 1 and f"PID {first.pid}" in error and "in use" in error, output
+        assert "Traceback" not in output
+        assert {p: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == hydra_files  # Hydra wrote nothing
+    finally:
+        stop(first)
+    # The lock went with the process that held it: the directory is free again, and its run continues.
+    code, output = run_main_in_process(long_run("trainer.iterations=3", f"hydra.run.dir={run_dir}"), capfd)
+    assert code == 0 and "resuming from" in output, output
+
+
+def test_resume_never_moves_the_earlier_run_aside_and_auto_keeps_to_its_own_run(tmp_path, capfd):
+    run_dir = tmp_path / "run"
+    four = [*RUN, "trainer.iterations=4", "trainer.keep_checkpoints=0", f"hydra.run.dir={run_dir}"]
+    assert run_main_in_process(four, capfd)[0] == 0
+    first_run = json.loads((run_dir / "run.json").read_text())["run_id"]
+    code, output = run_main_in_process([*four, "trainer.iterations=2", "trainer.resume=never"], capfd)
+    assert code == 0, output
+    [earlier] = (run_dir / "previous").iterdir()
+    assert f"moved the files of the earlier run in {run_dir} to {earlier}" in " ".join(output.split())
+    assert sorted(p.name for p in (earlier / "checkpoints").iterdir()) == [
+        "last.pt", "step_0000001.pt", "step_0000002.pt", "step_0000003.pt", "step_0000004.pt"]  # fmt: skip
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.pt", "step_0000001.pt", "step_0000002.pt"]
+    second_run = json.loads((run_dir / "run.json").read_text())["run_id"]
+    assert second_run != first_run and load_checkpoint(checkpoints / "last.pt")["run_id"] == second_run
+
+    # A checkpoint of the earlier run put back among this run's, and last.pt damaged: resume=auto continues this
+    # run's newest intact checkpoint (step 2), never the other run's step 4.
+    (checkpoints / "step_0000004.pt").write_bytes((earlier / "checkpoints" / "step_0000004.pt").read_bytes())
+    (checkpoints / "last.pt").unlink()  # (a hard link of step_0000002.pt: damage it alone)
+    (checkpoints / "last.pt").write_bytes(b"")
+    code, output = run_main_in_process([*four, "trainer.iterations=3"], capfd)
+    flat = " ".join(output.split())
+    assert code == 0 and "belongs to another run" in flat and "resuming from" in flat, output
+    assert f"{checkpoints / 'step_0000002.pt'} (step 2)" in flat, output
+    assert load_checkpoint(checkpoints / "last.pt")["step"] == 3
+
+
+def test_a_damaged_last_checkpoint_falls_back_to_the_intact_periodic_one(tmp_path, capfd):
+    run_dir = tmp_path / "run"
+    args = [*RUN, "trainer.iterations=2", f"hydra.run.dir={run_dir}"]
+    assert run_main_in_process(args, capfd)[0] == 0
+    (run_dir / "checkpoints" / "last.pt").unlink()  # (a hard link of step_0000002.pt: damage it alone)
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"")  # a 0-byte file: once an IndexError in the loader
+    code, output = run_main_in_process([*args, "trainer.iterations=3"], capfd)
+    assert code == 0 and "is empty (0 bytes)" in output, output
+    assert "step_0000002.pt (step 2) instead of the damaged last.pt" in " ".join(output.split()), output
+
+
+def test_a_killed_data_loading_worker_ends_in_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    process = start_main(*long_run("trainer.num_workers=1", "trainer.checkpoint_rate=0", f"hydra.run.dir={run_dir}"))
+    try:
+        wait_for(lambda: children(process.pid), process, "a data-loading worker")
+        time.sleep(1.0)  # into the training steps
+        for child in children(process.pid):
+            os.kill(child, signal.SIGKILL)
+        process.wait(timeout=120)
+    finally:
+        output = stop(process)
+    assert process.returncode == 1, output
+    [error] = error_lines(output)
+    assert "data-loading worker" in error and "trainer.num_workers=1" in error, output
+    assert "Traceback" not in output, output
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="a disk that fills needs a tmpfs mount (root)")
+def test_a_disk_that_fills_during_a_run_ends_in_one_line_naming_space_and_the_last_checkpoint(tmp_path):
+    with mounted_tmpfs(tmp_path / "disk", "size=16m") as disk:
+        if disk is None:
+            pytest.skip("tmpfs could not be mounted")
+        run_dir = disk / "run"
+        process = start_main(*long_run("trainer.keep_checkpoints=0", f"hydra.run.dir={run_dir}"))
+        try:
+            wait_for(lambda: (run_dir / "checkpoints" / "step_0000002.pt").exists(), process, "a checkpoint")
+            with open(disk / "filler", "wb") as handle:  # another job fills the disk, leaving 100 KB
+                while (free := os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize) > 150_000:
+                    handle.write(b"\0" * min(65536, free - 100_000))
+                    handle.flush()
+            process.wait(timeout=120)
+        finally:
+            output = stop(process)
+        intact = [p for p in (run_dir / "checkpoints").glob("step_*.pt")]
+        assert intact and all(load_checkpoint(p)["step"] for p in intact)  # what was written is intact
+    assert process.returncode == 1, output
+    [error] = error_lines(output)
+    assert f"{run_dir}/checkpoints" in error and "MB free" in error and "the last intact checkpoint is" in error, output
+    assert "Traceback" not in output, output
