@@ -12,6 +12,7 @@ from PIL import Image
 
 import ddpm.samplers
 from conftest import TINY_QUICKSTART, compose_config, run_main
+from main_in_process import main_py, run_main_in_process
 from ddpm.checkpoint import load_checkpoint
 from ddpm.errors import ConfigError
 from ddpm.tasks.evaluate import check_settings, merge_shards
@@ -95,11 +96,9 @@ def test_nfe_sweep_writes_a_table_and_a_plot(setup, tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_without_a_source_of_samples_is_one_line_naming_the_keys(tmp_path):
-    result = run_main("task=evaluate", *STAND_IN, f"hydra.run.dir={tmp_path}", check=False)
-    assert result.returncode == 1
-    assert "task=evaluate needs checkpoint=PATH" in result.stderr + result.stdout
-    assert "Traceback" not in result.stderr
+def test_evaluate_without_a_source_of_samples_is_one_line_naming_the_keys(tmp_path, capfd):
+    code, output = run_main_in_process(["task=evaluate", *STAND_IN, f"hydra.run.dir={tmp_path}"], capfd)
+    assert code == 1 and "task=evaluate needs checkpoint=PATH" in output and "Traceback" not in output, output
 
 
 @pytest.mark.parametrize(
@@ -156,8 +155,6 @@ def test_sample_and_evaluate_draw_the_same_images_for_the_same_seed(setup, tmp_p
 
 @pytest.mark.slow
 def test_a_sample_task_that_dies_while_writing_leaves_no_partial_npz(setup, tmp_path, monkeypatch):
-    from test_bad_inputs import main_py
-
     def dies_half_way(file, **arrays):
         file.write(b"PK\x03\x04 half an archive")
         raise OSError("No space left on device")

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import PROJECT_ROOT, run_main
+from main_in_process import run_main_in_process
 from wandb_records import config_values, history_rows, read_wandb_records
 
 pytestmark = pytest.mark.slow
@@ -115,7 +116,7 @@ def test_plot_schedules_writes_one_figure(tmp_path):
     [
         (["trainer.batch_size=0"], "trainer.batch_size=0 must be >= 1"),
         (["trainer.batch_size=abc"], "trainer.batch_size='abc' must be of type int"),
-        (["model.channel_mults=[1,2,2,2,2,2]"], "model.image_size=16 must be a multiple of"),
+        (["model.channel_mults=[1,2,2,2,2,2]"], "dataset.image_size=16 must be a multiple of"),  # the key typed
         (["model.num_groups=5"], "model.num_groups=5 must divide"),
         (["model.attention_resolutions=[7]"], "model.attention_resolutions contains 7"),
         (["schedule.low=0.5"], "schedule.low=0.5 must be < schedule.high=0.02"),
@@ -124,36 +125,34 @@ def test_plot_schedules_writes_one_figure(tmp_path):
         (["dataset=folder"], "dataset.path must be given a value"),
     ],
 )
-def test_bad_input_fails_before_training_with_a_message_naming_the_key(overrides, expected, tmp_path):
-    result = run_main(*TINY, *overrides, "logger=none", f"hydra.run.dir={tmp_path}", check=False)
-    assert result.returncode == 1
-    assert expected in result.stderr + result.stdout
-    assert "Traceback" not in result.stderr
+def test_bad_input_fails_before_training_with_a_message_naming_the_key(overrides, expected, tmp_path, capfd):
+    code, output = run_main_in_process([*TINY, *overrides, "logger=none", f"hydra.run.dir={tmp_path}"], capfd)
+    assert code == 1 and expected in output and "Traceback" not in output, output
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_unknown_group_option_shows_hydras_choices(tmp_path):
-    result = run_main("schedule=quadratic", f"hydra.run.dir={tmp_path}", check=False)
-    assert result.returncode == 1
-    assert "Could not find 'schedule/quadratic'" in result.stderr and "dnst" in result.stderr
+def test_unknown_group_option_shows_hydras_choices(tmp_path, capfd):
+    code, output = run_main_in_process(["schedule=quadratic", f"hydra.run.dir={tmp_path}"], capfd)
+    assert code == 1 and "Could not find 'schedule/quadratic'" in output and "dnst" in output, output
 
 
-def test_labels_on_a_folder_without_classes_are_refused(tmp_path):
+def test_labels_on_a_folder_without_classes_are_refused(tmp_path, capfd):
     images = tmp_path / "flat"
     images.mkdir()
     for index in range(4):
         Image.new("RGB", (16, 16), color=(index * 40, 0, 0)).save(images / f"{index}.png")
-    result = run_main("dataset=folder", f"dataset.path={images}", "dataset.image_size=16", "trainer.use_labels=true",
-                      *TINY[1:], "logger=none", f"hydra.run.dir={tmp_path / 'run'}", check=False)  # fmt: skip
-    assert result.returncode == 1
-    assert "trainer.use_labels=true needs class labels" in result.stderr + result.stdout
+    code, output = run_main_in_process(["dataset=folder", f"dataset.path={images}", "dataset.image_size=16",
+                                        "trainer.use_labels=true", *TINY[1:], "logger=none",
+                                        f"hydra.run.dir={tmp_path / 'run'}"], capfd)  # fmt: skip
+    assert code == 1 and "trainer.use_labels=true needs class labels" in output, output
 
 
-def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path, capfd):
     bogus = Path(tmp_path / "notes.pt")
     bogus.write_text("not a checkpoint")
-    result = run_main("task=sample", f"checkpoint={bogus}", f"hydra.run.dir={tmp_path / 'run'}", check=False)
-    assert result.returncode == 1 and "is not a readable checkpoint" in result.stderr + result.stdout
+    code, output = run_main_in_process(["task=sample", f"checkpoint={bogus}", f"hydra.run.dir={tmp_path / 'run'}"],
+                                       capfd)  # fmt: skip
+    assert code == 1 and "is not a checkpoint: it holds text" in output, output
 
 
 def test_data_on_the_device_trains_exactly_like_dataloader_workers(tmp_path):

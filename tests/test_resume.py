@@ -83,6 +83,7 @@ def final_state(run_dir: Path) -> dict:
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     state["config"].pop("logger")  # the scenarios may log differently; the computation is what must match
     state.pop("logger")
+    state.pop("run_id")  # which run wrote it, not what was computed
     return state
 
 
