@@ -32,7 +32,8 @@ def configure_backends(device: torch.device, deterministic: bool) -> None:
     workspace setting before CUDA starts). CPU kernels are deterministic already."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)
+    if torch.are_deterministic_algorithms_enabled() != deterministic:  # setting it imports torch._inductor (seconds)
+        torch.use_deterministic_algorithms(deterministic)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

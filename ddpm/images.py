@@ -5,7 +5,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import make_grid
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -21,6 +20,8 @@ def _save(array: np.ndarray, path: Path) -> None:
 
 def save_grid(images: torch.Tensor, path: str | Path, columns: int) -> Path:
     """Saves images as one PNG grid, `columns` per row (row i holds class i in class-conditional grids)."""
+    from torchvision.utils import make_grid  # here: importing torchvision takes seconds (it loads torch._dynamo)
+
     grid = make_grid(images.detach().float().cpu(), nrow=columns, padding=2, pad_value=1.0)
     path = Path(path)
     _save(to_uint8(grid[None])[0], path)

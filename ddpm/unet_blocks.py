@@ -1,11 +1,13 @@
 """The UNet's building blocks: normalization, the timestep embedding, self-attention, residual blocks, and
-the changes of resolution (Ho et al. 2020, Appendix B; the architecture of PixelCNN++ / Wide ResNet blocks)."""
+the changes of resolution (Ho et al. 2020, Appendix B; the architecture of PixelCNN++ / Wide ResNet blocks).
+
+Shapes change with plain reshapes and permutes, each with its einops pattern beside it: einops' first call
+registers its ops with torch._dynamo, which costs seconds at the start of every process on a CPU."""
 
 import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "mish": nn.Mish}
@@ -47,12 +49,12 @@ class AttentionBlock(nn.Module):
         # Token-major projections (the 1x1 convolutions' weights as matrices): q, k and v then have a
         # contiguous head dimension, which the flash and memory-efficient kernels of scaled_dot_product_attention
         # require (with a strided one they fall back to the slow math kernel). Free under channels_last.
-        tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # b c h w -> b (h w) c
         qkv = F.linear(tokens, self.to_qkv.weight.flatten(1), self.to_qkv.bias)
-        q, k, v = rearrange(qkv, "b n (qkv heads d) -> qkv b heads n d", qkv=3, heads=self.num_heads)
-        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b heads n d -> b n (heads d)")
+        q, k, v = qkv.unflatten(2, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)  # b n (3 heads d) -> 3 b heads n d
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # b heads n d -> b n (heads d)
         out = F.linear(out, self.to_out.weight.flatten(1), self.to_out.bias)
-        return x + rearrange(out, "b (h w) c -> b c h w", h=height)
+        return x + out.transpose(1, 2).unflatten(2, (height, -1))  # b (h w) c -> b c h w
 
 
 class ResidualBlock(nn.Module):
@@ -90,7 +92,7 @@ class ResidualBlock(nn.Module):
         bias = self.time_bias(self.activation(time_emb))
         if self.class_bias is not None:
             bias = bias + self.class_bias(y)
-        h = h + rearrange(bias, "b c -> b c 1 1")
+        h = h + bias[:, :, None, None]
         h = self.conv_2(self.dropout(self.activation(self.norm_2(h))))
         return self.attention(h + self.skip(x))
 
@@ -133,14 +135,14 @@ class Upsample(nn.Module):
         taps = self.phase_taps.to(self.conv.weight.dtype)
         # (row phase a, column phase b, out, in, 2, 2) kernels, all four phases in one convolution.
         kernels = torch.einsum("apr,bqs,oirs->aboipq", taps, taps, self.conv.weight)
-        out = F.conv2d(F.pad(x, (1, 1, 1, 1)), rearrange(kernels, "a b o i p q -> (a b o) i p q"),
-                       self.conv.bias.repeat(4))  # fmt: skip
-        out = rearrange(out, "n (a b o) h w -> a b n o h w", a=2, b=2)
+        out = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernels.flatten(0, 2), self.conv.bias.repeat(4))  # (a b o) i p q
+        out = out.unflatten(1, (2, 2, -1)).permute(1, 2, 0, 3, 4, 5)  # n (a b o) h w -> a b n o h w
         # Phase a's output for input row i sits at row i + a of the padded result.
         phases = torch.stack([torch.stack([out[a, b, :, :, a : a + height, b : b + width] for b in (0, 1)])
                               for a in (0, 1)])  # fmt: skip
         layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        return rearrange(phases, "a b n o h w -> n o (h a) (w b)").contiguous(memory_format=layout)
+        interleaved = phases.permute(2, 3, 4, 0, 5, 1).flatten(4, 5).flatten(2, 3)  # a b n o h w -> n o (h a) (w b)
+        return interleaved.contiguous(memory_format=layout)
 
 
 class Level(nn.Module):

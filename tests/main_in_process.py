@@ -69,6 +69,15 @@ def run_main_in_process(args: list[str], capfd) -> tuple[int, str]:
     return code, captured.out + captured.err
 
 
+def run_in_process(*args: str) -> None:
+    """`python main.py ARGS...` in this process, for a test of what a run writes; raises if it fails."""
+    with main_py(list(args)) as run:
+        try:
+            run()
+        except SystemExit as exit:
+            raise AssertionError(f"main.py {' '.join(args)} exited with status {exit.code}") from None
+
+
 def train_tiny_run(run_dir: Path, *overrides: str) -> Path:
     """Trains RUN (2 steps: checkpoints/step_0000001.pt, step_0000002.pt, last.pt) into run_dir, in this process."""
     with main_py([*RUN, *overrides, f"hydra.run.dir={run_dir}"]) as run:

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 import ddpm.samplers
-from conftest import TINY_QUICKSTART, compose_config, run_main
-from main_in_process import main_py, run_main_in_process
+from conftest import TINY_QUICKSTART, compose_config
+from main_in_process import main_py, run_in_process, run_main_in_process
 from ddpm.checkpoint import load_checkpoint
 from ddpm.errors import ConfigError
 from ddpm.tasks.evaluate import check_settings, merge_shards
@@ -26,11 +26,11 @@ SMALL = ["eval.num_samples=20", "eval.batch_size=10", "eval.pr_num_samples=200"]
 def setup(tmp_path_factory):
     """A 2-step class-conditional checkpoint with a 20-step schedule, and a shared reference-statistics dir."""
     root = tmp_path_factory.mktemp("evaluate")
-    run_main(*TINY_QUICKSTART, "schedule=cosine", "schedule.num_timesteps=20", "trainer.iterations=2",
-             "trainer.batch_size=8", "trainer.sample_at_end=false", f"hydra.run.dir={root / 'train'}")  # fmt: skip
+    run_in_process(*TINY_QUICKSTART, "schedule=cosine", "schedule.num_timesteps=20", "trainer.iterations=2",
+                   "trainer.batch_size=8", "trainer.sample_at_end=false", f"hydra.run.dir={root / 'train'}")  # fmt: skip
     checkpoint = root / "train" / "checkpoints" / "last.pt"
     common = [*STAND_IN, f"checkpoint={checkpoint}", f"fid.reference_dir={root / 'stats'}"]
-    run_main("task=evaluate", *common, *SMALL, f"hydra.run.dir={root / 'single'}")
+    run_in_process("task=evaluate", *common, *SMALL, f"hydra.run.dir={root / 'single'}")
     return {"root": root, "common": common, "single": root / "single", "checkpoint": checkpoint}
 
 
@@ -49,8 +49,8 @@ def test_evaluate_writes_metrics_samples_and_cached_reference_statistics(setup):
 
 @pytest.mark.slow
 def test_existing_samples_give_the_same_metrics(setup, tmp_path):
-    run_main("task=evaluate", *STAND_IN, f"eval.samples={setup['single'] / 'samples.npz'}",
-             f"fid.reference_dir={setup['root'] / 'stats'}", "eval.pr_num_samples=200", f"hydra.run.dir={tmp_path}")
+    run_in_process("task=evaluate", *STAND_IN, f"eval.samples={setup['single'] / 'samples.npz'}",
+                   f"fid.reference_dir={setup['root'] / 'stats'}", "eval.pr_num_samples=200", f"hydra.run.dir={tmp_path}")
     again, single = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path, setup["single"]))
     assert again["fid"] == pytest.approx(single["fid"]) and again["precision"] == single["precision"]
 
@@ -58,13 +58,13 @@ def test_existing_samples_give_the_same_metrics(setup, tmp_path):
 @pytest.mark.slow
 def test_two_shards_in_a_multirun_merge_into_the_single_run(setup, tmp_path):
     sweep = tmp_path / "sweep"
-    run_main("-m", "task=evaluate", *setup["common"], *SMALL, "eval.num_shards=2", "eval.shard=0,1",
-             f"hydra.sweep.dir={sweep}")  # fmt: skip
+    run_in_process("-m", "task=evaluate", *setup["common"], *SMALL, "eval.num_shards=2", "eval.shard=0,1",
+                   f"hydra.sweep.dir={sweep}")  # fmt: skip
     assert sorted(p.name for p in sweep.glob("shard_*.npz")) == ["shard_0_of_2.npz", "shard_1_of_2.npz"]
     assert [len(np.load(sweep / f"shard_{i}_of_2.npz")["arr_0"]) for i in range(2)] == [10, 10]
 
-    run_main("task=evaluate", *STAND_IN, f"eval.merge={sweep}", f"fid.reference_dir={setup['root'] / 'stats'}",
-             "eval.pr_num_samples=200", f"hydra.run.dir={tmp_path / 'merged'}")  # fmt: skip
+    run_in_process("task=evaluate", *STAND_IN, f"eval.merge={sweep}", f"fid.reference_dir={setup['root'] / 'stats'}",
+                   "eval.pr_num_samples=200", f"hydra.run.dir={tmp_path / 'merged'}")  # fmt: skip
     merged = json.loads((tmp_path / "merged" / "metrics.json").read_text())
     single = json.loads((setup["single"] / "metrics.json").read_text())
     assert merged["num_samples"] == 20
@@ -82,9 +82,9 @@ def test_two_shards_in_a_multirun_merge_into_the_single_run(setup, tmp_path):
 def test_nfe_sweep_writes_a_table_and_a_plot(setup, tmp_path):
     # The step samplers join the sweep once ddpm.samplers has them; ddpm alone runs at T = 20.
     samplers = [name for name in ("ddim", "dpm_solver") if hasattr(ddpm.samplers, name)] + ["ddpm"]
-    run_main("task=evaluate", *setup["common"], "eval.num_samples=10", "eval.batch_size=10", "eval.is_splits=2",
-             "eval.pr_num_samples=200", "eval.nfe_sweep=[5]", f"eval.nfe_samplers=[{','.join(samplers)}]",
-             f"hydra.run.dir={tmp_path}")  # fmt: skip
+    run_in_process("task=evaluate", *setup["common"], "eval.num_samples=10", "eval.batch_size=10", "eval.is_splits=2",
+                   "eval.pr_num_samples=200", "eval.nfe_sweep=[5]", f"eval.nfe_samplers=[{','.join(samplers)}]",
+                   f"hydra.run.dir={tmp_path}")  # fmt: skip
     with open(tmp_path / "nfe_sweep.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [(row["sampler"], row["steps"]) for row in rows if row["sampler"] == "ddpm"] == [("ddpm", "20")]
@@ -122,11 +122,11 @@ def test_bad_evaluate_settings_name_the_key(overrides, expected):
 @pytest.mark.slow
 def test_training_measures_fid_and_keeps_the_best_checkpoint(tmp_path):
     """trainer.eval_rate through main.py, with the stand-in extractor: fid in the log, best.pt on disk."""
-    run_main(*TINY_QUICKSTART, "schedule=cosine", "schedule.num_timesteps=20", "trainer.iterations=4",
-             "trainer.batch_size=8", "trainer.log_rate=2", "trainer.checkpoint_rate=0", "trainer.sample_at_end=false",
-             "trainer.eval_rate=2", "trainer.eval_samples=20", "trainer.eval_steps=5", "trainer.eval_batch_size=20",
-             "fid=tiny", f"fid.reference_dir={tmp_path / 'stats'}",
-             f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
+    run_in_process(*TINY_QUICKSTART, "schedule=cosine", "schedule.num_timesteps=20", "trainer.iterations=4",
+                   "trainer.batch_size=8", "trainer.log_rate=2", "trainer.checkpoint_rate=0", "trainer.sample_at_end=false",
+                   "trainer.eval_rate=2", "trainer.eval_samples=20", "trainer.eval_steps=5", "trainer.eval_batch_size=20",
+                   "fid=tiny", f"fid.reference_dir={tmp_path / 'stats'}",
+                   f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     fids = [row["fid"] for row in rows if "fid" in row]
     assert len(fids) == 2 and all(math.isfinite(value) for value in fids)
@@ -140,15 +140,15 @@ def test_sample_and_evaluate_draw_the_same_images_for_the_same_seed(setup, tmp_p
     """One image generator: task=sample gives the images task=evaluate drew (same seed, classes i mod C), and
     the first 7 of them when asked for 7, at another batch size."""
     checkpoint = setup["checkpoint"]
-    run_main("task=sample", f"checkpoint={checkpoint}", "sample.num_images=20", "sample.batch_size=10",
-             "sample.device=cpu", f"sample.out_dir={tmp_path / 'all'}", f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
+    run_in_process("task=sample", f"checkpoint={checkpoint}", "sample.num_images=20", "sample.batch_size=10",
+                   "sample.device=cpu", f"sample.out_dir={tmp_path / 'all'}", f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
     evaluated = np.load(setup["single"] / "samples.npz")
     sampled = np.load(tmp_path / "all" / "samples.npz")
     np.testing.assert_array_equal(sampled["arr_0"], evaluated["arr_0"])
     np.testing.assert_array_equal(sampled["arr_1"], evaluated["arr_1"])
 
-    run_main("task=sample", f"checkpoint={checkpoint}", "sample.num_images=7", "sample.batch_size=3",
-             "sample.device=cpu", f"sample.out_dir={tmp_path / 'first'}", f"hydra.run.dir={tmp_path / 'run2'}")  # fmt: skip
+    run_in_process("task=sample", f"checkpoint={checkpoint}", "sample.num_images=7", "sample.batch_size=3",
+                   "sample.device=cpu", f"sample.out_dir={tmp_path / 'first'}", f"hydra.run.dir={tmp_path / 'run2'}")  # fmt: skip
     first = np.load(tmp_path / "first" / "samples.npz")["arr_0"].astype(int)
     assert np.abs(first - evaluated["arr_0"][:7].astype(int)).max() <= 1  # up to the last bit of another batch size
 

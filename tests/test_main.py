@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import PROJECT_ROOT, run_main
-from main_in_process import run_main_in_process
+from main_in_process import run_in_process, run_main_in_process
 from wandb_records import config_values, history_rows, read_wandb_records
 
 pytestmark = pytest.mark.slow
@@ -74,9 +74,9 @@ def test_wandb_offline_run_records_config_and_losses(trained_run):
 
 def test_sample_task_writes_a_balanced_npz_and_pngs(trained_run, tmp_path):
     out_dir = tmp_path / "gen"
-    run_main("task=sample", f"checkpoint={trained_run / 'checkpoints' / 'last.pt'}", "sample.num_images=10",
-             "sample.batch_size=4", f"sample.out_dir={out_dir}", "sample.sequence=true", "sample.sequence_frames=5",
-             f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
+    run_in_process("task=sample", f"checkpoint={trained_run / 'checkpoints' / 'last.pt'}", "sample.num_images=10",
+                   "sample.batch_size=4", f"sample.out_dir={out_dir}", "sample.sequence=true",
+                   "sample.sequence_frames=5", f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
     samples = np.load(out_dir / "samples.npz")
     assert samples["arr_0"].shape == (10, 16, 16, 1) and samples["arr_0"].dtype == np.uint8
     assert sorted(samples["arr_1"].tolist()) == list(range(10))  # an equal share (one) per class
@@ -84,14 +84,14 @@ def test_sample_task_writes_a_balanced_npz_and_pngs(trained_run, tmp_path):
     assert Image.open(out_dir / "sequence.png").size == (2 + 5 * 18, 2 + 8 * 18)
 
     again = tmp_path / "again"
-    run_main("task=sample", f"checkpoint={trained_run / 'checkpoints' / 'last.pt'}", "sample.num_images=10",
-             "sample.batch_size=4", f"sample.out_dir={again}", f"hydra.run.dir={tmp_path / 'run2'}")
+    run_in_process("task=sample", f"checkpoint={trained_run / 'checkpoints' / 'last.pt'}", "sample.num_images=10",
+                   "sample.batch_size=4", f"sample.out_dir={again}", f"hydra.run.dir={tmp_path / 'run2'}")
     np.testing.assert_array_equal(np.load(again / "samples.npz")["arr_0"], samples["arr_0"])  # same seed
 
 
 def test_unconditional_run_and_a_local_multirun_sweep(tmp_path):
-    run_main("-m", *TINY, "schedule=linear,cosine", "trainer.iterations=2", "trainer.log_rate=1",
-             "trainer.sample_at_end=false", "logger=none", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
+    run_in_process("-m", *TINY, "schedule=linear,cosine", "trainer.iterations=2", "trainer.log_rate=1",
+                   "trainer.sample_at_end=false", "logger=none", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
     jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and p.name.isdigit())
     assert len(jobs) == 2
     targets = [torch.load(job / "checkpoints" / "last.pt", weights_only=True)["config"]["schedule"]["_target_"]
@@ -107,7 +107,7 @@ def test_experiments_compose_from_any_working_directory(tmp_path):
 
 
 def test_plot_schedules_writes_one_figure(tmp_path):
-    run_main("task=plot_schedules", "logger=none", f"hydra.run.dir={tmp_path}")
+    run_in_process("task=plot_schedules", "logger=none", f"hydra.run.dir={tmp_path}")
     assert Image.open(tmp_path / "schedules.png").size[0] > 1000
 
 
@@ -159,8 +159,8 @@ def test_data_on_the_device_trains_exactly_like_dataloader_workers(tmp_path):
     """The same batches either way (the digits have no flips), so the same weights, bit for bit."""
     steps = ["trainer.iterations=4", "trainer.log_rate=2", "trainer.checkpoint_rate=0", "logger=none",
              "trainer.sample_at_end=false"]  # fmt: skip
-    run_main(*TINY, *steps, "trainer.data_on_device=true", f"hydra.run.dir={tmp_path / 'device'}")
-    run_main(*TINY, *steps, "trainer.data_on_device=false", f"hydra.run.dir={tmp_path / 'workers'}")
+    run_in_process(*TINY, *steps, "trainer.data_on_device=true", f"hydra.run.dir={tmp_path / 'device'}")
+    run_in_process(*TINY, *steps, "trainer.data_on_device=false", f"hydra.run.dir={tmp_path / 'workers'}")
     assert "batches from DeviceBatches" in (tmp_path / "device" / "main.log").read_text()
     device = torch.load(tmp_path / "device" / "checkpoints" / "last.pt", weights_only=True)["model"]
     workers = torch.load(tmp_path / "workers" / "checkpoints" / "last.pt", weights_only=True)["model"]

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 from torch.utils.data import Dataset
-from torchvision import datasets
 
 from ddpm.data.transforms import to_model_range
 from ddpm.checks import config_types
@@ -33,6 +32,8 @@ def cifar10(
         )
     if split not in ("train", "test"):
         raise ConfigError(f"split={split!r} is not one of ['train', 'test']")
+    from torchvision import datasets  # here: importing torchvision takes seconds (it loads torch._dynamo)
+
     flips = random_flip and split == "train"
     transform = to_model_range(image_size, channels, flips)
     try:

@@ -2,13 +2,13 @@
 so the training step never waits on DataLoader workers or PIL. Same order, flips and resume state as TrainingBatches.
 """
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from einops import rearrange
 from torch.utils.data import Dataset, TensorDataset
-from torchvision.datasets import CIFAR10
 
 from ddpm.data.loader import ResumableBatches
 
@@ -24,7 +24,8 @@ class InMemoryImages:
 
 def in_memory_images(dataset: Dataset) -> InMemoryImages | None:
     """The dataset's images as tensors when DeviceBatches would give the model exactly what it gives, else None."""
-    if isinstance(dataset, CIFAR10) and hasattr(dataset, "random_flip"):
+    torchvision_datasets = sys.modules.get("torchvision.datasets")  # not imported: not a CIFAR-10 dataset
+    if torchvision_datasets and isinstance(dataset, torchvision_datasets.CIFAR10) and hasattr(dataset, "random_flip"):
         # Only ddpm.data.cifar10 sets random_flip; its transform at 32x32 is an optional flip and v/255*2-1.
         images = rearrange(torch.from_numpy(dataset.data), "n h w c -> n c h w").contiguous()
         return InMemoryImages(images, torch.as_tensor(dataset.targets, dtype=torch.int64), dataset.random_flip)
