@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,9 +22,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PROJECT_ROOT, user_environment
 from ddpm.checkpoint import load_checkpoint, save_checkpoint
-from main_in_process import RUN, SAMPLE, checkpoint_files, command, main_py, run_main_in_process, runs  # noqa: F401
+from main_in_process import RUN, SAMPLE, checkpoint_files, command, run_main_in_process, runs  # noqa: F401
+from test_resume import start_main, wait_for
 
 EVALUATE = ["task=evaluate", "logger=none", "fid=tiny", "eval.device=cpu", "eval.num_samples=4", "eval.batch_size=2",
             "eval.is_splits=2", "eval.pr_k=1"]
@@ -269,22 +268,6 @@ def long_run(*overrides: str) -> list[str]:
     return command(LONG_RUN, list(overrides), {})
 
 
-def start_main(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(PROJECT_ROOT / "main.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=user_environment(), cwd=PROJECT_ROOT)  # fmt: skip
-
-
-def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            raise AssertionError(f"main.py ended before {what}:\n{process.stdout.read()}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"no {what} within {timeout} s")
-        time.sleep(0.01)
-
-
 def stop(process: subprocess.Popen) -> str:
     if process.poll() is None:
         process.kill()
@@ -296,7 +279,7 @@ def test_two_runs_in_one_directory_the_second_refuses_naming_the_first(tmp_path,
     run_dir = tmp_path / "run"
     first = start_main(*long_run(f"hydra.run.dir={run_dir}"))
     try:
-        wait_for(lambda: (run_dir / "checkpoints" / "step_0000002.pt").exists(), first, "a checkpoint")
+        wait_for(run_dir / "checkpoints" / "step_0000002.pt", first)
         hydra_files = {p: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
         code, output = run_main_in_process(long_run("trainer.seed=1", f"hydra.run.dir={run_dir}"), capfd)
         [error] = error_lines(output)
@@ -353,10 +336,13 @@ def test_a_killed_data_loading_worker_ends_in_one_line(tmp_path):
     run_dir = tmp_path / "run"
     process = start_main(*long_run("trainer.num_workers=1", "trainer.checkpoint_rate=0", f"hydra.run.dir={run_dir}"))
     try:
-        wait_for(lambda: children(process.pid), process, "a data-loading worker")
         time.sleep(1.0)  # into the training steps
-        for child in children(process.pid):
-            os.kill(child, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while not (workers := children(process.pid)):
+            assert process.poll() is None and time.monotonic() < deadline, "no data-loading worker started"
+            time.sleep(0.01)
+        for worker in workers:
+            os.kill(worker, signal.SIGKILL)
         process.wait(timeout=120)
     finally:
         output = stop(process)
@@ -367,10 +353,16 @@ def test_a_killed_data_loading_worker_ends_in_one_line(tmp_path):
 
 
 def children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
+    """The processes whose parent is `pid` (forked by any of its threads)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            found.append(int(status.parent.name))
+    return found
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="a disk that fills needs a tmpfs mount (root)")
@@ -381,7 +373,7 @@ def test_a_disk_that_fills_during_a_run_ends_in_one_line_naming_space_and_the_la
         run_dir = disk / "run"
         process = start_main(*long_run("trainer.keep_checkpoints=0", f"hydra.run.dir={run_dir}"))
         try:
-            wait_for(lambda: (run_dir / "checkpoints" / "step_0000002.pt").exists(), process, "a checkpoint")
+            wait_for(run_dir / "checkpoints" / "step_0000002.pt", process)
             with open(disk / "filler", "wb") as handle:  # another job fills the disk, leaving 100 KB
                 while (free := os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize) > 150_000:
                     handle.write(b"\0" * min(65536, free - 100_000))
