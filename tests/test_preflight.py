@@ -4,17 +4,15 @@ before its first step with a message naming the directory."""
 import errno
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from collections import namedtuple
 
 import pytest
 import torch
 
-from conftest import PROJECT_ROOT, TINY_QUICKSTART, run_main, user_environment
+from conftest import TINY_QUICKSTART
 from ddpm.errors import StorageError
 from ddpm.preflight import MB, check_storage, estimated_checkpoint_bytes
+from main_in_process import run_main_in_process
 
 Usage = namedtuple("Usage", "total used free")
 
@@ -63,25 +61,14 @@ def test_the_estimate_counts_weights_ema_and_two_optimizer_moments():
 TINY = [*TINY_QUICKSTART, "trainer.iterations=4"]
 
 
-@pytest.mark.slow
-def test_main_stops_before_the_first_step_when_the_run_directory_cannot_hold_a_checkpoint(tmp_path):
+def test_main_stops_before_the_first_step_when_the_run_directory_cannot_hold_a_checkpoint(tmp_path, capfd, monkeypatch):
     (tmp_path / "blocked" / "checkpoints").parent.mkdir()
     (tmp_path / "blocked" / "checkpoints").write_text("not a directory")
-    result = run_main(*TINY, f"hydra.run.dir={tmp_path / 'blocked'}", check=False)
-    output = result.stdout + result.stderr
-    assert result.returncode == 1 and "checkpoints is a file, not a directory" in output and "Traceback" not in output
+    code, output = run_main_in_process([*TINY, f"hydra.run.dir={tmp_path / 'blocked'}"], capfd)
+    assert code == 1 and "checkpoints is a file, not a directory" in output and "Traceback" not in output, output
     assert not (tmp_path / "blocked" / "metrics.jsonl").exists()
 
-    full_disk = textwrap.dedent(
-        """
-        import collections, runpy, shutil, sys
-        shutil.disk_usage = lambda path: collections.namedtuple("Usage", "total used free")(10**9, 10**9, 0)
-        sys.argv = ["main.py", *sys.argv[1:]]
-        runpy.run_path("main.py", run_name="__main__")
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", full_disk, *TINY, f"hydra.run.dir={tmp_path / 'full'}"],
-                            capture_output=True, text=True, cwd=PROJECT_ROOT, env=user_environment(), timeout=300)  # fmt: skip
-    output = result.stdout + result.stderr
-    assert result.returncode == 1 and "has 0 MB free" in output and "Traceback" not in output
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9, 0))  # a full disk
+    code, output = run_main_in_process([*TINY, f"hydra.run.dir={tmp_path / 'full'}"], capfd)
+    assert code == 1 and "has 0 MB free" in output and "Traceback" not in output, output
     assert not (tmp_path / "full" / "metrics.jsonl").exists() and not list((tmp_path / "full").glob("checkpoints/*"))

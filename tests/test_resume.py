@@ -18,6 +18,7 @@ import torch
 
 from conftest import PROJECT_ROOT, TINY_QUICKSTART, run_main, user_environment
 from ddpm.checkpoint import load_checkpoint
+from main_in_process import run_main_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -195,15 +196,15 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_bit_identical(uninterru
     assert len(runs) == 2 and len({path.name.rsplit("-", 1)[1] for path in runs}) == 1
 
 
-def test_resume_never_starts_over_and_a_finished_run_is_not_trained_further(uninterrupted, tmp_path):
+def test_resume_never_starts_over_and_a_finished_run_is_not_trained_further(tmp_path, capfd):
     run_dir = tmp_path / "run"
     short = [*TINY, "trainer.iterations=24", f"hydra.run.dir={run_dir}"]
-    run_main(*short)
+    assert run_main_in_process(short, capfd)[0] == 0
     first = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    again = run_main(*short)  # resume=auto at the end of the run: nothing left to train
-    assert "resuming from" in again.stdout + again.stderr
+    code, again = run_main_in_process(short, capfd)  # resume=auto at the end of the run: nothing left to train
+    assert code == 0 and "resuming from" in again, again
     assert_identical(load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"], first["model"])
-    fresh = run_main(*short, "trainer.resume=never")
-    assert "resuming" not in fresh.stdout + fresh.stderr
+    code, fresh = run_main_in_process([*short, "trainer.resume=never"], capfd)
+    assert code == 0 and "resuming" not in fresh, fresh
     assert json.loads((run_dir / "summary.json").read_text())["resumed_from_step"] is None
     assert [row["step"] for row in metrics(run_dir)] == [5, 10, 15, 20]
