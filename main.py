@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 # conf/paths/default.yaml places data and outputs relative to the project, wherever the command runs from.
 os.environ.setdefault("DDPM_PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
-from ddpm.faults import explain, one_line  # noqa: E402
+from ddpm.faults import explain, one_line, print_error  # noqa: E402
 from ddpm.run_directory import claim, launch_rank, release_all  # noqa: E402
 from ddpm.validation import check_config  # noqa: E402
 
@@ -66,6 +66,6 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C outside the training steps (which stop at a step boundary instead)
-        print("[ddpm][ERROR] - interrupted by SIGINT: checkpoints and npz files written so far are intact (every "
-              "write is atomic); run the same command to start again", file=sys.stderr)  # fmt: skip
+        print_error("interrupted by SIGINT: checkpoints and npz files written so far are intact (every write is "
+                    "atomic); run the same command to start again")  # fmt: skip
         sys.exit(130)

@@ -15,7 +15,7 @@ from ddpm.checkpoint import load_checkpoint
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.ema import EMA
 from ddpm.errors import CheckpointError, ConfigError
-from ddpm.validation import check_keys
+from ddpm.validation import READ_BY_THE_BUILDER, check_keys
 
 
 def build_diffusion(cfg: DictConfig) -> GaussianDiffusion:
@@ -56,7 +56,7 @@ def build_sampler(node: DictConfig, betas: torch.Tensor | None = None) -> tuple[
     """The sampler function of a `sampler` config node, and its classifier-free guidance scale (a setting of
     the noise predictor the sampler calls, not of the sampler itself). With the schedule's `betas` the sampler
     is rehearsed once, so that every setting it checks is checked now rather than at the first grid."""
-    check_keys(node, "sampler", also=("guidance_scale",))
+    check_keys(node, "sampler", also=READ_BY_THE_BUILDER["sampler"])
     settings = OmegaConf.to_container(node, resolve=True)
     guidance_scale = settings.pop("guidance_scale", 0.0)
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:

@@ -9,6 +9,7 @@ re-raises with the worker's traceback in its message), and a disk that is full o
 import errno
 import re
 import shutil
+import sys
 from pathlib import Path
 
 from ddpm.errors import StorageError, UserError
@@ -39,9 +40,14 @@ def explain(error: BaseException, num_workers: object = None) -> UserError | Non
     return None
 
 
-def one_line(error: BaseException) -> str:
+def one_line(error: BaseException | str) -> str:
     """The message on one line: line breaks inside it would read as several errors."""
     return " ".join(str(error).split())
+
+
+def print_error(error: BaseException | str) -> None:
+    """The one line, where Hydra's logging is not set up (before a run starts, or after it ended)."""
+    print(f"[ddpm][ERROR] - {one_line(error)}", file=sys.stderr)
 
 
 def _chain(error: BaseException | None):

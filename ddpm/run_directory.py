@@ -27,6 +27,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from ddpm.errors import RunDirectoryInUse, UserError
+from ddpm.faults import print_error
 from ddpm.preflight import check_writable
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def move_earlier_run_aside(directory: Path) -> Path | None:
 
 def _refuse(error: UserError) -> None:
     """One line and exit status 1: Hydra has not set up logging yet where the callbacks run."""
-    print(f"[ddpm][ERROR] - {' '.join(str(error).split())}", file=sys.stderr)
+    print_error(error)
     sys.exit(1)
 
 
