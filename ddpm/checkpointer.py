@@ -117,11 +117,16 @@ class Checkpointer:
         """Puts weights, EMA, optimizer, data position and loop state back from `state` (read from `path`), on
         every rank. The random streams are the wiring's last step: see restore_random_streams."""
         saved = self.saved
+        # The optimizer's state holds the learning rate of its last step (warmed up or decayed part-way); the loop
+        # schedules from the configured one, so that one is put back.
+        configured_lrs = [group["lr"] for group in saved.optimizer.param_groups]
         try:
             saved.diffusion.model.load_state_dict(state["model"])
             if saved.diffusion.ema is not None and state.get("ema") is not None:
                 saved.diffusion.ema.load_state_dict(state["ema"])
             saved.optimizer.load_state_dict(state["optimizer"])
+            for group, lr in zip(saved.optimizer.param_groups, configured_lrs, strict=True):
+                group["lr"] = lr
         except (RuntimeError, ValueError, KeyError, TypeError) as error:
             reason = next(iter(str(error).splitlines()), type(error).__name__)
             raise CheckpointError(f"trainer.resume={path}: its weights are not those of the model its config "
