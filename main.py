@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 # conf/paths/default.yaml places data and outputs relative to the project, wherever the command runs from.
 os.environ.setdefault("DDPM_PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
+from ddpm.cpu_share import use_cpu_share  # noqa: E402
 from ddpm.faults import explain, one_line, print_error  # noqa: E402
 from ddpm.run_directory import claim, launch_rank, release_all  # noqa: E402
 from ddpm.validation import check_config  # noqa: E402
@@ -46,6 +47,7 @@ def main(cfg: DictConfig):
     task = hydra.utils.get_method(cfg.task._target_)
     try:
         check_config(cfg)
+        use_cpu_share(OmegaConf.select(cfg, "trainer.num_threads"))  # every task: threads sized to the allocation
         if launch_rank() == 0:  # a no-op for a single run, whose directory was claimed before Hydra wrote there
             claim(HydraConfig.get().runtime.output_dir)
         return task(cfg)

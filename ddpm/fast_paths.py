@@ -1,8 +1,9 @@
 """The switches that make a training step fast (mixed precision, channels_last, torch.compile, data kept on the
 device), resolved to one decision each for the device at hand. The fused optimizer is `optimizer.fused`.
 
-Every switch is a `trainer.*` key whose `auto`/null value picks what pays on that device: all of them on a GPU,
-the plain fp32 eager path on a CPU, where reduced precision and channels_last do not pay.
+Every switch is a `trainer.*` key whose `auto`/null value picks what pays on that device: all of them on a GPU;
+on a CPU, eager mode in the NCHW layout, with bf16 autocast only where the processor multiplies bf16 matrices
+natively (AMX-BF16 or AVX512-BF16); elsewhere oneDNN emulates bf16 and it is slower than fp32.
 """
 
 import contextlib
@@ -34,14 +35,41 @@ class FastPaths:
         return ", ".join(f"{field.name}={getattr(self, field.name)}" for field in dataclasses.fields(self))
 
 
+# The CPU features (torch.cpu.get_capabilities() names) whose bf16 matrix instructions make bf16 autocast pay.
+CPU_BF16_UNITS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}
+
+
+def cpu_capabilities() -> dict:
+    """What torch detected about this processor (torch >= 2.8 reports it; older versions report nothing)."""
+    report = getattr(torch.cpu, "get_capabilities", None)
+    return dict(report()) if report else {}
+
+
+def automatic_precision(device: torch.device) -> tuple[str, str]:
+    """What `auto` means on `device`, and why: bf16 where the hardware multiplies bf16 natively, else fp32."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"{torch.cuda.get_device_name(device)} has bf16 tensor cores"
+        return "fp32", f"{torch.cuda.get_device_name(device)} has no bf16"
+    capabilities = cpu_capabilities()
+    units = [name for feature, name in CPU_BF16_UNITS.items() if capabilities.get(feature)]
+    if units:
+        return "bf16", f"the CPU has {' and '.join(units)} (bf16 matrix instructions)"
+    if not capabilities:
+        return "fp32", f"torch {torch.__version__} does not report the CPU's features"
+    return "fp32", "the CPU has neither AMX-BF16 nor AVX512-BF16, so bf16 would be emulated (slower than fp32)"
+
+
 def resolve_precision(key: str, precision: str, device: torch.device) -> str:
-    """The one precision check, for trainer.precision, sample.precision and eval.precision: `auto` -> bf16 on a
-    GPU that has it, else fp32; a choice the device cannot do is a ConfigError naming `key`."""
+    """The one precision check, for trainer.precision, sample.precision and eval.precision: `auto` -> the
+    device's choice (automatic_precision, logged with its reason); a choice the device cannot do is a
+    ConfigError naming `key`."""
     if precision not in PRECISIONS:
         raise ConfigError(f"{key}={precision!r} is not one of {list(PRECISIONS)}")
     cuda = device.type == "cuda"
     if precision == "auto":
-        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+        precision, reason = automatic_precision(device)
+        log.info("%s=auto -> %s: %s", key, precision, reason)
     if precision == "fp16" and not cuda:
         raise ConfigError(f"{key}=fp16 needs a CUDA device (float16 autocast on CPU is slow and unscaled); "
                           "use bf16 or fp32")  # fmt: skip

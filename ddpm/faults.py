@@ -29,7 +29,8 @@ def explain(error: BaseException, num_workers: object = None) -> UserError | Non
         if isinstance(link, RuntimeError) and (match := WORKER_DIED.search(str(link))):
             return UserError(
                 f"a data-loading worker (pid {match[1].strip()}) {match[2].replace('is killed', 'was killed')}: it may "
-                f"have run out of memory; lower trainer.num_workers={num_workers} or trainer.batch_size, or run with "
+                f"have run out of memory; lower trainer.num_workers{'' if num_workers is None else f'={num_workers}'} "
+                "or trainer.batch_size, or run with "
                 "trainer.num_workers=0 to see the error in the main process"
             )
         if isinstance(link, OSError) and link.errno in STORAGE_ERRNOS:

@@ -3,6 +3,7 @@
 Used by `task=benchmark`; the numbers are only meaningful relative to each other on one machine.
 """
 
+import math
 import resource
 import sys
 import time
@@ -59,19 +60,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(function: Callable[[], object], device: torch.device, *, warmup: int, calls: int,
-               max_seconds: float) -> tuple[float, int]:  # fmt: skip
-    """Seconds per call of `function` after `warmup` calls, over `calls` calls or fewer (at least 2) when they
-    would exceed `max_seconds`; and how many calls were timed. The device is drained before each clock read."""
-    for _ in range(warmup):
+def time_calls(function: Callable[[], object], device: torch.device, *, warmup: int, calls: int, max_seconds: float,
+               warmup_seconds: float = math.inf, min_calls: int = 2) -> tuple[float, int]:  # fmt: skip
+    """Seconds per call of `function` after `warmup` untimed calls (fewer, but at least one, once they have taken
+    `warmup_seconds`), over `calls` calls or fewer (at least `min_calls`) when they would exceed `max_seconds`;
+    and how many calls were timed. The device is drained before each clock read."""
+    start = time.perf_counter()
+    for done in range(warmup):
         function()
+        if time.perf_counter() - start > warmup_seconds:
+            break
     synchronize(device)
     start = time.perf_counter()
     done = 0
     while done < calls:
         function()
         done += 1
-        if done >= 2 and time.perf_counter() - start > max_seconds:
+        if done >= min_calls and time.perf_counter() - start > max_seconds:
             break
     synchronize(device)
     return (time.perf_counter() - start) / done, done

@@ -25,6 +25,7 @@ class TrainSettings(Validated):
     use_labels: bool = False  # class-conditional training; read by the model too
     grad_clip: float = at_least(0, 1.0, note=OFF)  # max global gradient norm
     warmup: int = at_least(0, 0, note=OFF)  # linear learning-rate warmup steps
+    lr_decay: str = one_of(("constant", "cosine", "linear"), "constant")  # after warmup, towards 0 at `iterations`
     log_rate: int = at_least(0, 100, note=OFF)
     test_batches: int = at_least(0, 10, note="0 = the whole split")  # test-split batches per test-loss estimate
     sample_rate: int = at_least(0, 10_000, note=OFF)
@@ -36,7 +37,8 @@ class TrainSettings(Validated):
     use_ema: bool = True
     device: str = "auto"
     seed: int = seed_value()
-    num_workers: int = at_least(0, 4)
+    num_workers: int | None = at_least(0, None, note="null = by device (ddpm.cpu_share.data_workers)")
+    num_threads: int | None = at_least(1, None, note="null = this process's share of its CPUs")
     grid_columns: int = at_least(1, 10)  # sample grids: columns x columns images, or one row of this many per class
     sample_at_end: bool = True
     label_dropout: float = fraction(0.0)  # classifier-free guidance: the share of labels replaced by the null label
@@ -50,7 +52,7 @@ class TrainSettings(Validated):
     keep_checkpoints: int = at_least(0, 5, note="0 keeps all")  # periodic checkpoints kept besides last.pt
     skip_nonfinite: int = at_least(0, 0)  # steps with a non-finite loss or gradient norm that may be skipped
     deterministic: bool = False  # deterministic kernels only (exact resume on GPU; slower)
-    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16 | fp16 (with a grad scaler)
+    precision: str = "auto"  # auto (bf16 where the GPU or CPU has bf16 units, else fp32) | fp32 | bf16 | fp16
     channels_last: bool | None = None  # NHWC layout; None = on CUDA
     compile: bool | None = None  # torch.compile the network; None = on CUDA
     data_on_device: bool | None = None  # the training split as one tensor on the device; None = on CUDA

@@ -20,9 +20,16 @@ from ddpm.training_setup import TrainingParts
 log = logging.getLogger(__name__)
 
 
-def warmup_lr(step: int, base_lr: float, warmup: int) -> float:
-    """Linear warmup to base_lr over `warmup` steps (step counts from 0), constant after."""
-    return base_lr if warmup == 0 else base_lr * min(1.0, (step + 1) / warmup)
+def learning_rate(step: int, base_lr: float, warmup: int, decay: str = "constant", iterations: int = 0) -> float:
+    """Linear warmup to base_lr over `warmup` steps (step counts from 0); then constant (the DDPM paper's), or
+    decayed towards 0 at `iterations` along a half cosine or a line. A function of the step alone, so a resumed
+    run continues the same curve."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    if decay == "constant" or iterations <= warmup:
+        return base_lr
+    progress = min((step - warmup) / (iterations - warmup), 1.0)
+    return base_lr * (0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else 1 - progress)
 
 
 def should_stop_early(interval_losses: list[float], threshold: float, window: int = 10) -> bool:
@@ -52,7 +59,7 @@ def train(parts: TrainingParts, settings: TrainSettings) -> dict[str, Any]:
     while loop.step < settings.iterations and not loop.stopped_early:
         # Learning rate, then the batch and its noise (drawn for the global batch: this rank takes its share).
         for group, base_lr in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = warmup_lr(loop.step, base_lr, settings.warmup)
+            group["lr"] = learning_rate(loop.step, base_lr, settings.warmup, settings.lr_decay, settings.iterations)
         x, y = next(parts.batches)
         x = x.to(parts.device, non_blocking=True, memory_format=parts.noise.layout)
         t, noise, labels = parts.noise.draw(y.to(parts.device, non_blocking=True) if settings.use_labels else None)

@@ -34,8 +34,8 @@ How to run it
     python experiments/compare_diffusers.py --device cuda --precision bf16 --json model.dropout=0.1
 
 Positional arguments are Hydra overrides of this project's config (`key=value`), as for main.py.
-Device defaults mirror trainer.*: on CUDA bf16 (where supported), channels_last and compile on; on CPU fp32
-eager. `--profile` also prints each side's top operators by self CPU time for one step.
+Device defaults mirror trainer.*: on CUDA bf16 (where supported), channels_last and compile on; on CPU eager,
+in bf16 where the processor has AMX-BF16 or AVX512-BF16 and in fp32 elsewhere. `--profile` also prints each side's top operators by self CPU time for one step.
 
 On a CPU that others share, wall-clock rounds swing by tens of percent; `--threads 1` and the CPU-time line
 (this process's CPU seconds per step) are then the steadier comparison.

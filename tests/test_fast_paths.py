@@ -6,8 +6,9 @@ from functools import partial
 import pytest
 import torch
 
+from ddpm import fast_paths
 from ddpm.errors import ConfigError
-from ddpm.fast_paths import FastPaths, grad_scaler, prepare_network, resolve_fast_paths
+from ddpm.fast_paths import FastPaths, grad_scaler, prepare_network, resolve_fast_paths, resolve_precision
 from ddpm.update import optimizer_skips_on_device, step_unless_nonfinite
 from ddpm.samplers import ddim
 from ddpm.throughput import count_flops
@@ -17,7 +18,8 @@ from test_training import run_loop, tiny_diffusion
 CPU = torch.device("cpu")
 
 
-def test_auto_picks_the_plain_path_on_cpu_and_names_bad_choices():
+def test_auto_picks_the_plain_path_on_cpu_and_names_bad_choices(monkeypatch):
+    monkeypatch.setattr(fast_paths, "cpu_capabilities", lambda: {"avx2": True})
     assert resolve_fast_paths(device=CPU) == FastPaths(precision="fp32", channels_last=False, compile=False,
                                                        data_on_device=False)  # fmt: skip
     assert resolve_fast_paths(device=CPU, precision="bf16", channels_last=True).precision == "bf16"
@@ -25,6 +27,33 @@ def test_auto_picks_the_plain_path_on_cpu_and_names_bad_choices():
         resolve_fast_paths(device=CPU, precision="fp8")
     with pytest.raises(ConfigError, match="trainer.precision=fp16 needs a CUDA device"):
         resolve_fast_paths(device=CPU, precision="fp16")
+
+
+@pytest.mark.parametrize(
+    "capabilities, expected, reason",
+    [
+        ({"amx_bf16": True, "amx_tile": True, "avx512_bf16": True, "avx2": True}, "bf16", "AMX-BF16 and AVX512-BF16"),
+        ({"amx_bf16": False, "avx512_bf16": True, "avx512_f": True}, "bf16", "AVX512-BF16"),
+        ({"amx_bf16": False, "avx512_bf16": False, "avx512_f": True, "avx2": True}, "fp32", "would be emulated"),
+        ({"avx2": True, "bf16": False}, "fp32", "would be emulated"),
+        ({}, "fp32", "does not report the CPU's features"),  # a torch older than get_capabilities()
+    ],
+)
+def test_auto_precision_on_cpu_is_bf16_only_with_bf16_matrix_units(monkeypatch, caplog, capabilities, expected,
+                                                                   reason):  # fmt: skip
+    monkeypatch.setattr(fast_paths, "cpu_capabilities", lambda: capabilities)
+    with caplog.at_level("INFO", logger="ddpm.fast_paths"):
+        assert resolve_fast_paths(device=CPU).precision == expected
+        assert resolve_precision("sample.precision", "auto", CPU) == expected
+    assert f"trainer.precision=auto -> {expected}: " in caplog.text and reason in caplog.text
+    assert f"sample.precision=auto -> {expected}: " in caplog.text
+    assert resolve_precision("eval.precision", "fp32", CPU) == "fp32"  # an explicit choice stays as given
+
+
+def test_the_capability_report_of_this_torch_is_read():
+    capabilities = fast_paths.cpu_capabilities()
+    if hasattr(torch.cpu, "get_capabilities"):
+        assert capabilities["architecture"] and "amx_bf16" in capabilities or capabilities["architecture"] != "x86_64"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -161,3 +190,22 @@ def test_bf16_sampling_runs_the_network_in_bf16_and_returns_float32_close_to_fp3
                                             generator=torch.Generator().manual_seed(1))  # fmt: skip
     assert draws["bf16"].dtype == torch.float32 and not torch.equal(draws["bf16"], draws["fp32"])
     assert (draws["bf16"] - draws["fp32"]).abs().mean() < 0.05
+
+
+@pytest.mark.parametrize(
+    "capabilities, configured, expected",
+    [
+        ({"amx_bf16": True}, None, ["bf16", "fp32"]),  # what training would use first, then the other
+        ({"avx2": True}, None, ["fp32"]),  # bf16 would be emulated: not timed unless asked for
+        ({"avx2": True}, ["fp32", "bf16"], ["fp32", "bf16"]),
+        ({"avx2": True}, ["auto"], ["fp32"]),
+    ],
+)
+def test_benchmark_times_bf16_beside_fp32_where_the_cpu_has_bf16_units(monkeypatch, capabilities, configured, expected):
+    from ddpm.tasks.benchmark import BenchmarkSettings, precisions_to_time
+
+    monkeypatch.setattr(fast_paths, "cpu_capabilities", lambda: capabilities)
+    bench = BenchmarkSettings(precisions=configured)
+    assert precisions_to_time(bench, resolve_precision("trainer.precision", "auto", CPU), CPU) == expected
+    assert bench.batches(CPU) == (16, 64) and bench.batches(torch.device("cuda")) == (128, 256)
+    assert BenchmarkSettings(batch_size=8).batches(CPU) == (8, 64)

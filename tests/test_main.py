@@ -170,13 +170,18 @@ def test_data_on_the_device_trains_exactly_like_dataloader_workers(tmp_path):
 def test_benchmark_prints_a_table_and_a_json_line_and_writes_benchmark_json(tmp_path):
     result = run_main(*TINY, "task=benchmark", "logger=none", "benchmark.batch_size=8", "benchmark.sample_batch_size=8",
                       "benchmark.warmup_steps=1", "benchmark.steps=3", "benchmark.data_batches=3",
-                      f"hydra.run.dir={tmp_path}")  # fmt: skip
+                      "benchmark.precisions=[fp32,bf16]", f"hydra.run.dir={tmp_path}")  # fmt: skip
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     printed = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
     assert printed == saved
     assert "images/s" in result.stdout and "TFLOP/s" in result.stdout and "peak memory" in result.stdout
     assert saved["train_images_per_s"] > 0 and saved["sample_images_per_s"] > 0 and saved["data_images_per_s"] > 0
     assert saved["train_steps_timed"] == 3 and saved["batch_size"] == 8 and saved["precision"] == "fp32"
+    # Both precisions side by side; the headline numbers are the first one's.
+    assert list(saved["by_precision"]) == ["fp32", "bf16"]
+    assert saved["by_precision"]["fp32"]["train_images_per_s"] == saved["train_images_per_s"]
+    assert saved["by_precision"]["bf16"]["sample_images_per_s"] > 0
+    assert "x the step time of fp32" in result.stdout
     # FLOPs are counted, not assumed: training costs about three forward passes.
     assert saved["train_gflop_per_image"] == pytest.approx(3 * saved["sample_gflop_per_image"], rel=0.05)
     assert saved["train_tflops"] == pytest.approx(saved["train_gflop_per_image"] * saved["train_images_per_s"] / 1e3)

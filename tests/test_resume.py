@@ -153,6 +153,31 @@ def test_sigterm_and_sigint_finish_the_step_write_a_checkpoint_and_the_run_resum
     check_same_as_uninterrupted(run_dir, uninterrupted, resumed_from=stopped_at)
 
 
+BF16 = ["trainer.precision=bf16"]  # autocast on the CPU: what precision=auto picks on CPUs with bf16 matrix units
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_bf16(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted_bf16")
+    run_main(*TINY, *BF16, f"hydra.run.dir={run_dir}")
+    return run_dir
+
+
+def test_a_bf16_run_on_cpu_killed_after_a_checkpoint_resumes_bit_identical(uninterrupted_bf16, tmp_path):
+    run_dir = tmp_path / "run"
+    command = [*TINY, *BF16, f"hydra.run.dir={run_dir}"]
+    process = start_main(*command)
+    wait_for(run_dir / "checkpoints" / "step_0000024.pt", process)
+    process.send_signal(signal.SIGKILL)
+    output, _ = process.communicate()
+    assert "precision=bf16" in output
+    killed_at = load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"]
+    assert 24 <= killed_at < ITERATIONS
+
+    run_main(*command)
+    check_same_as_uninterrupted(run_dir, uninterrupted_bf16, resumed_from=killed_at)
+
+
 # Runs main.py with torch.save replaced by one that writes half of the third checkpoint and then kills its own
 # process: the kill lands during the write, after the temporary file exists and before the rename.
 DIE_DURING_THIRD_SAVE = textwrap.dedent(

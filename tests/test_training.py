@@ -1,5 +1,6 @@
 """The loop's pieces: settings checks, warmup, early stopping, checkpoints, and a short real run in-process."""
 
+import math
 import pytest
 import torch
 
@@ -15,7 +16,7 @@ from ddpm.rng import seed_everything
 from ddpm.schedules import linear_betas
 from ddpm.devices import resolve_device
 from ddpm.train_settings import TrainSettings
-from ddpm.training import should_stop_early, train, warmup_lr
+from ddpm.training import learning_rate, should_stop_early, train
 from ddpm.training_setup import build_training
 from ddpm.unet import UNet
 
@@ -51,11 +52,18 @@ def test_early_stopping_needs_a_window_of_logs_then_compares_mean_change():
     assert not should_stop_early(flat, threshold=0)  # 0 disables
 
 
-def test_warmup_is_linear_then_constant():
-    assert warmup_lr(0, 1.0, 4) == 0.25
-    assert warmup_lr(3, 1.0, 4) == 1.0
-    assert warmup_lr(100, 1.0, 4) == 1.0
-    assert warmup_lr(0, 2e-4, 0) == 2e-4
+def test_the_learning_rate_warms_up_linearly_then_stays_or_decays():
+    assert learning_rate(0, 1.0, 4) == 0.25
+    assert learning_rate(3, 1.0, 4) == 1.0
+    assert learning_rate(100, 1.0, 4) == 1.0
+    assert learning_rate(0, 2e-4, 0) == 2e-4
+    # After the warmup, a decay towards 0 at the last step: half-way is half for both shapes.
+    assert learning_rate(4, 1.0, 4, "cosine", 104) == 1.0 and learning_rate(4, 1.0, 4, "linear", 104) == 1.0
+    assert learning_rate(54, 1.0, 4, "cosine", 104) == pytest.approx(0.5)
+    assert learning_rate(54, 1.0, 4, "linear", 104) == pytest.approx(0.5)
+    assert learning_rate(29, 1.0, 4, "cosine", 104) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert learning_rate(104, 1.0, 4, "cosine", 104) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate(200, 1.0, 0, "linear", 100) == 0.0
 
 
 def test_devices():

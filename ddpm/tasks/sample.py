@@ -39,7 +39,7 @@ class SampleSettings(Validated):
     device: str = "auto"
     sequence: bool = False
     sequence_frames: int = at_least(1, 10)
-    precision: str = "fp32"
+    precision: str = "auto"
     compile: bool | None = None
 
     def check(self) -> None:

@@ -14,6 +14,7 @@ from ddpm.build import build_diffusion, build_optimizer, build_sampler, check_mo
 from ddpm.checkpoint import remove_temporaries
 from ddpm.data.device import DeviceBatches, in_memory_images
 from ddpm.data.loader import TrainingBatches, evaluation_batches
+from ddpm.cpu_share import cpu_share, data_workers
 from ddpm.devices import configure_backends, resolve_device
 from ddpm.distributed import Ranks, init_distributed, local_batch_size, rank_device, shutdown
 from ddpm.errors import ConfigError
@@ -77,9 +78,11 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
                           f"schedule.num_timesteps={diffusion.num_timesteps}")  # fmt: skip
     if ranks.rank:
         seed_everything(settings.seed + ranks.rank)  # but each rank its own dropout draws
-    batches = training_batches(train_set, local_batch_size(settings.batch_size, ranks), settings, fast, device, ranks)
+    workers = data_workers(settings.num_workers, device, cpu_share(settings.num_threads))
+    batches = training_batches(train_set, local_batch_size(settings.batch_size, ranks), settings, fast, device, ranks,
+                               workers)  # fmt: skip
     test_loader = (
-        evaluation_batches(test_set, settings.batch_size, num_workers=settings.num_workers)
+        evaluation_batches(test_set, settings.batch_size, num_workers=workers)
         if test_set is not None
         else None
     )  # fmt: skip
@@ -124,7 +127,7 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
 
 
 def training_batches(train_set, batch_size: int, settings: TrainSettings, fast: FastPaths, device: torch.device,
-                     ranks: Ranks) -> TrainingBatches | DeviceBatches:  # fmt: skip
+                     ranks: Ranks, num_workers: int) -> TrainingBatches | DeviceBatches:  # fmt: skip
     """The whole split on the device when asked for and the dataset allows it (no workers, no copies per step);
     else DataLoader workers into pinned memory. Both give the same order and resume alike."""
     in_memory = in_memory_images(train_set) if fast.data_on_device else None
@@ -134,7 +137,7 @@ def training_batches(train_set, batch_size: int, settings: TrainSettings, fast: 
     if in_memory is not None:
         return DeviceBatches(in_memory, batch_size, seed=settings.seed, device=device, rank=ranks.rank,
                              world_size=ranks.world_size)  # fmt: skip
-    return TrainingBatches(train_set, batch_size, seed=settings.seed, num_workers=settings.num_workers,
+    return TrainingBatches(train_set, batch_size, seed=settings.seed, num_workers=num_workers,
                            pin_memory=device.type == "cuda", rank=ranks.rank, world_size=ranks.world_size)  # fmt: skip
 
 
@@ -143,8 +146,9 @@ def log_start(diffusion, optimizer, batches, num_images: int, fast: FastPaths, d
     num_parameters = sum(p.numel() for p in diffusion.model.parameters())
     log.info("model: %.2fM parameters; %d training images; device %s x %d ranks; run dir %s",
              num_parameters / 1e6, num_images, device, ranks.world_size, run_dir)  # fmt: skip
-    log.info("fast paths: %s; optimizer fused=%s; batches from %s", fast.describe(),
-             optimizer.defaults.get("fused"), type(batches).__name__)  # fmt: skip
+    log.info("fast paths: %s; optimizer fused=%s; batches from %s%s", fast.describe(),
+             optimizer.defaults.get("fused"), type(batches).__name__,
+             f" ({batches.num_workers} workers)" if isinstance(batches, TrainingBatches) else "")  # fmt: skip
     if resume:
         log.info("resuming from %s at step %d (trainer.resume=%s)", resume[0], resume[1]["step"], settings.resume)
 
