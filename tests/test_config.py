@@ -147,4 +147,8 @@ def test_every_component_yaml_has_a_target():
             node = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
             if group == "task":  # `# @package _global_`: the task's target beside its own settings node
                 node = node.task
+            while "_target_" not in node and node.get("defaults"):  # a variant of another option of the group
+                base = node.defaults[0]
+                assert base in group_options(group), f"{group}/{option}.yaml builds on {base!r}, not an option"
+                node = OmegaConf.load(CONF_DIR / group / f"{base}.yaml")
             assert "_target_" in node, f"{group}/{option}.yaml has no _target_"

@@ -98,7 +98,7 @@ CATALOGUE = [
     case("value", RUN, ["sampler=ddim", "sampler.steps=0"], "sampler.steps=0", "1..50", id="grid-sampler-steps"),
     case("value", RUN, ["sampler=dpm_solver", "sampler.steps=51"], "sampler.steps=51", "1..50",
          id="grid-sampler-steps-above-timesteps"),  # fmt: skip
-    case("value", RUN, ["sampler.variance=wide"], "sampler.variance='wide' is not one of", id="grid-sampler-variance"),
+    case("value", RUN, ["sampler=ddpm", "sampler.variance=wide"], "sampler.variance='wide' is not one of", id="grid-sampler-variance"),
     case("value", RUN, ["sampler=ddim", "sampler.eta=lots"], "sampler.eta='lots' must be of type float",
          id="grid-sampler-eta-str"),  # fmt: skip
     case("value", RUN, ["trainer.eval_rate=1", "fid=tiny", "trainer.eval_steps=51"], "trainer.eval_steps=51",
