@@ -1,6 +1,7 @@
 """Threads sized to the allocation (ddpm.cpu_share): the CPUs a process may use, shared with the processes that
 run on them at the same time; DataLoader workers by device; a local sweep tells its jobs how many they are."""
 
+import json
 import os
 
 import pytest
@@ -100,3 +101,18 @@ def test_other_launchers_are_left_alone(monkeypatch):
     basic = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"  # one job after the other, in this process
     ShareCpusAmongLocalJobs().on_multirun_start(sweep_config(basic, ["schedule=linear,cosine"]))
     assert JOBS_AT_ONCE not in os.environ
+
+
+@pytest.mark.slow
+def test_the_jobs_of_a_sweep_on_the_local_launcher_take_their_share(tmp_path):
+    """The callback's count reaches the jobs through submitit's local controller, and each job logs its share."""
+    from conftest import TINY_QUICKSTART, run_main
+
+    run_main("-m", *TINY_QUICKSTART, "hydra/launcher=local", "schedule=cosine,dns", "schedule.num_timesteps=50",
+             "trainer.iterations=2", "trainer.batch_size=8", "trainer.sample_at_end=false",
+             f"hydra.sweep.dir={tmp_path}")  # fmt: skip
+    cpus = len(os.sched_getaffinity(0))
+    for job in ("0", "1"):
+        log = next((tmp_path / job).glob("*.log")).read_text()
+        assert f"{max(cpus // 2, 1)} CPU threads ({cpus} CPUs in the affinity mask, shared by 2 sweep jobs at once)" in log
+        assert json.loads((tmp_path / job / "summary.json").read_text())["steps"] == 2
