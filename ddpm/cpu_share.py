@@ -35,7 +35,7 @@ class CpuShare:
     source: str  # where the numbers come from, for the log
 
     def describe(self) -> str:
-        return f"{self.threads} CPU threads ({self.source})"
+        return f"{self.threads} CPU thread{'s' * (self.threads != 1)} ({self.source})"
 
 
 def allowed_cpus(environ: Mapping[str, str]) -> tuple[int, str]:
@@ -82,7 +82,7 @@ def use_cpu_share(num_threads: object = None) -> CpuShare:
         torch.set_num_threads(share.threads)
     log.info("%s", share.describe())
     if share.threads * share.processes > share.cpus:
-        log.warning("%d processes x %d threads run on %d CPUs: each will be slower than alone",
+        log.warning("%d processes x %d thread(s) run on %d CPUs: each will be slower than alone",
                     share.processes, share.threads, share.cpus)  # fmt: skip
     return share
 

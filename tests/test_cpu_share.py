@@ -59,8 +59,8 @@ def test_use_cpu_share_sets_torch_threads_and_logs_them(monkeypatch, caplog):
         with caplog.at_level("INFO", logger="ddpm.cpu_share"):
             share = use_cpu_share(None)
             assert torch.get_num_threads() == share.threads == 1
-        assert "1 CPU threads (2 CPUs in the affinity mask, shared by 3 sweep jobs at once)" in caplog.text
-        assert "3 processes x 1 threads run on 2 CPUs" in caplog.text
+        assert "1 CPU thread (2 CPUs in the affinity mask, shared by 3 sweep jobs at once)" in caplog.text
+        assert "3 processes x 1 thread(s) run on 2 CPUs" in caplog.text
     finally:
         torch.set_num_threads(before)
 
@@ -114,5 +114,6 @@ def test_the_jobs_of_a_sweep_on_the_local_launcher_take_their_share(tmp_path):
     cpus = len(os.sched_getaffinity(0))
     for job in ("0", "1"):
         log = next((tmp_path / job).glob("*.log")).read_text()
-        assert f"{max(cpus // 2, 1)} CPU threads ({cpus} CPUs in the affinity mask, shared by 2 sweep jobs at once)" in log
+        threads = max(cpus // 2, 1)
+        assert f"{threads} CPU thread{'s' * (threads != 1)} ({cpus} CPUs in the affinity mask, shared by 2 sweep jobs at once)" in log
         assert json.loads((tmp_path / job / "summary.json").read_text())["steps"] == 2
