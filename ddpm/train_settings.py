@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import torch
 
+from ddpm.cpu_share import cpu_share, data_workers
 from ddpm.errors import ConfigError
 from ddpm.fast_paths import FastPaths, resolve_fast_paths
 from ddpm.validation import Validated, at_least, seed_value, fraction, one_of
@@ -72,6 +73,10 @@ class TrainSettings(Validated):
     def max_grad_norm(self) -> float:
         """The clipping threshold; inf (measure the norm, never clip) when grad_clip is 0."""
         return self.grad_clip if self.grad_clip > 0 else math.inf
+
+    def data_workers(self, device: torch.device) -> int:
+        """trainer.num_workers, or for null the device's choice given this process's CPU share."""
+        return data_workers(self.num_workers, device, cpu_share(self.num_threads))
 
     def fast_paths(self, device: torch.device) -> FastPaths:
         """The speed switches resolved for `device` (auto/null -> that device's default)."""

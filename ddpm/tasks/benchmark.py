@@ -16,7 +16,6 @@ from ddpm.build import build_diffusion, build_optimizer
 from ddpm.data.device import DeviceBatches, InMemoryImages
 from ddpm.data.loader import TrainingBatches
 from ddpm.data.synthetic import SyntheticImages
-from ddpm.cpu_share import cpu_share, data_workers
 from ddpm.devices import configure_backends, resolve_device
 from ddpm.fast_paths import automatic_precision, memory_format, prepare_diffusion, resolve_precision
 from ddpm.rng import seed_everything
@@ -63,9 +62,10 @@ def precisions_to_time(bench: BenchmarkSettings, trained: str, device: torch.dev
         return [resolve_precision("benchmark.precisions", precision, device) for precision in bench.precisions] or [trained]
     if device.type == "cuda":
         return [trained]
-    if automatic_precision(device)[0] == "bf16":
+    choice, reason = automatic_precision(device)
+    if choice == "bf16":
         return [trained, "fp32" if trained == "bf16" else "bf16"]
-    log.info("bf16 is not timed: %s; benchmark.precisions=[fp32,bf16] times it anyway", automatic_precision(device)[1])
+    log.info("bf16 is not timed: %s; benchmark.precisions=[fp32,bf16] times it anyway", reason)
     return [trained]
 
 
@@ -186,8 +186,7 @@ def synthetic_batches(bench: BenchmarkSettings, batch: int, shape: tuple[int, in
     labels = torch.randint(0, num_classes, (count,), generator=generator)
     if on_device:
         return DeviceBatches(InMemoryImages(images, labels, random_flip=True), batch, seed=0, device=device)
-    workers = data_workers(settings.num_workers, device, cpu_share(settings.num_threads))
-    return TrainingBatches(SyntheticImages(images, labels), batch, seed=0, num_workers=workers,
+    return TrainingBatches(SyntheticImages(images, labels), batch, seed=0, num_workers=settings.data_workers(device),
                            pin_memory=device.type == "cuda")  # fmt: skip
 
 

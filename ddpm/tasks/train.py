@@ -14,7 +14,6 @@ from ddpm.build import build_diffusion, build_optimizer, build_sampler, check_mo
 from ddpm.checkpoint import remove_temporaries
 from ddpm.data.device import DeviceBatches, in_memory_images
 from ddpm.data.loader import TrainingBatches, evaluation_batches
-from ddpm.cpu_share import cpu_share, data_workers
 from ddpm.devices import configure_backends, resolve_device
 from ddpm.distributed import Ranks, init_distributed, local_batch_size, rank_device, shutdown
 from ddpm.errors import ConfigError
@@ -78,7 +77,7 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
                           f"schedule.num_timesteps={diffusion.num_timesteps}")  # fmt: skip
     if ranks.rank:
         seed_everything(settings.seed + ranks.rank)  # but each rank its own dropout draws
-    workers = data_workers(settings.num_workers, device, cpu_share(settings.num_threads))
+    workers = settings.data_workers(device)
     batches = training_batches(train_set, local_batch_size(settings.batch_size, ranks), settings, fast, device, ranks,
                                workers)  # fmt: skip
     test_loader = (
