@@ -4,6 +4,7 @@ It maps (x_t, t, y) to a tensor of x_t's shape and knows nothing about noise sch
 At the CIFAR-10 defaults it has the paper's 35.7M parameters.
 """
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -12,11 +13,17 @@ from torch import nn
 from ddpm.checks import config_types
 from ddpm.errors import ConfigError
 from ddpm.unet_blocks import (
-    ACTIVATIONS, NORMS, Downsample, Level, ResidualBlock, Upsample, make_norm, sinusoidal_embedding,
+    ACTIVATIONS, DOWNSAMPLE_PADDINGS, NORMS, TIME_EMBEDDING_ORDERS, Downsample, Level, ResidualBlock, Upsample,
+    make_norm, sinusoidal_embedding,
 )  # fmt: skip
 
+
 class UNet(nn.Module):
-    """The DDPM UNet. `attention_resolutions` holds indices into `channel_mults` (1 = 16x16 for 32x32 input)."""
+    """The DDPM UNet. `attention_resolutions` holds indices into `channel_mults` (1 = 16x16 for 32x32 input).
+
+    The options after `subpixel_upsample` are conventions of other implementations of the same architecture, so
+    that their trained weights compute here what they computed there (task=import); their defaults are this
+    project's own."""
 
     @config_types("model")
     def __init__(
@@ -37,25 +44,45 @@ class UNet(nn.Module):
         num_classes: int | None = None,
         null_class: bool = False,
         subpixel_upsample: bool = True,
+        norm_eps: float = 1e-5,
+        downsample_padding: str = "symmetric",
+        up_attention_resolutions: Sequence[int] | None = None,
+        attention_head_dim: int | None = None,
+        time_embedding_order: str = "sin_cos",
+        time_embedding_freq_shift: float = 1,
     ):
         """`null_class` adds one more label, `num_classes`, meaning "no class": classifier-free guidance trains it
         by dropping labels (trainer.label_dropout) and samples with it for the unconditional prediction.
         `subpixel_upsample` computes each upsampling's nearest-neighbour + 3x3 convolution at the low resolution
-        (the same function and weights, fewer operations; see Upsample)."""
+        (the same function and weights, fewer operations; see Upsample).
+
+        `norm_eps`: the normalization layers' epsilon (the DDPM release used 1e-6). `downsample_padding`:
+        "symmetric", or "tf_same" (bottom and right only, TensorFlow's; see Downsample). `up_attention_resolutions`:
+        the levels of the up path that attend, when not those of the down path (None = attention_resolutions).
+        `attention_head_dim`: channels per attention head (None = one head). `time_embedding_order` and
+        `time_embedding_freq_shift`: the layout of the timestep features (see sinusoidal_embedding)."""
         super().__init__()
         norm = norm or "none"
         channel_mults = list(channel_mults)
         attention_resolutions = list(attention_resolutions)
+        up_attention_resolutions = (
+            attention_resolutions if up_attention_resolutions is None else list(up_attention_resolutions)
+        )
         out_channels = out_channels or in_channels
         time_emb_dim = time_emb_dim or 4 * base_channels
         _check_arguments(
             in_channels, image_size, base_channels, channel_mults, num_res_blocks, time_emb_dim,
             attention_resolutions, norm, num_groups, dropout, activation, use_labels, num_classes,
         )  # fmt: skip
+        _check_conventions(
+            base_channels, channel_mults, attention_resolutions, up_attention_resolutions, norm_eps,
+            downsample_padding, attention_head_dim, time_embedding_order, time_embedding_freq_shift,
+        )  # fmt: skip
         self.in_channels = in_channels
         self.image_size = image_size
         self.num_classes = num_classes if use_labels else None
         self.null_label = num_classes if use_labels and null_class else None
+        self.time_embedding = {"freq_shift": time_embedding_freq_shift, "cos_first": time_embedding_order == "cos_sin"}
         block = dict(
             time_emb_dim=time_emb_dim,
             num_classes=None if self.num_classes is None else self.num_classes + (self.null_label is not None),
@@ -63,6 +90,8 @@ class UNet(nn.Module):
             norm=norm,
             num_groups=num_groups,
             activation=activation,
+            norm_eps=norm_eps,
+            attention_head_dim=attention_head_dim,
         )
 
         self.time_mlp = nn.Sequential(
@@ -85,7 +114,7 @@ class UNet(nn.Module):
                 channels = base_channels * mult
                 skip_channels.append(channels)
             is_last = index == len(channel_mults) - 1
-            self.down.append(Level(blocks, None if is_last else Downsample(channels)))
+            self.down.append(Level(blocks, None if is_last else Downsample(channels, downsample_padding)))
             if not is_last:
                 skip_channels.append(channels)
 
@@ -104,14 +133,14 @@ class UNet(nn.Module):
                     ResidualBlock(
                         channels + skip_channels.pop(),
                         base_channels * mult,
-                        attention=index in attention_resolutions,
+                        attention=index in up_attention_resolutions,
                         **block,
                     )
                 )
                 channels = base_channels * mult
             self.up.append(Level(blocks, Upsample(channels, subpixel_upsample) if index > 0 else None))
 
-        self.out_norm = make_norm(norm, channels, num_groups)
+        self.out_norm = make_norm(norm, channels, num_groups, norm_eps)
         self.out_activation = ACTIVATIONS[activation]()
         self.out_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
         self.base_channels = base_channels
@@ -122,7 +151,7 @@ class UNet(nn.Module):
             raise ValueError("this UNet is class-conditional (use_labels=true): pass labels y")
         if self.num_classes is None:
             y = None
-        time_emb = self.time_mlp(sinusoidal_embedding(t, self.base_channels, x.dtype))
+        time_emb = self.time_mlp(sinusoidal_embedding(t, self.base_channels, x.dtype, **self.time_embedding))
 
         h = self.init_conv(x)
         skips = [h]
@@ -189,4 +218,39 @@ def _check_arguments(
     if use_labels and (num_classes is None or num_classes < 1):
         raise ConfigError(
             f"trainer.use_labels=true needs class labels, but the dataset has num_classes={num_classes}"
+        )
+
+
+def _check_conventions(
+    base_channels, channel_mults, attention_resolutions, up_attention_resolutions, norm_eps, downsample_padding,
+    attention_head_dim, time_embedding_order, time_embedding_freq_shift,
+) -> None:  # fmt: skip
+    """The checks of the options that adopt another implementation's conventions, naming the model.* key."""
+    if not (math.isfinite(norm_eps) and norm_eps > 0):
+        raise ConfigError(f"model.norm_eps={norm_eps} must be a finite number > 0")
+    if downsample_padding not in DOWNSAMPLE_PADDINGS:
+        raise ConfigError(f"model.downsample_padding={downsample_padding!r} is not one of {list(DOWNSAMPLE_PADDINGS)}")
+    for index in up_attention_resolutions:
+        if not 0 <= index < len(channel_mults):
+            raise ConfigError(
+                f"model.up_attention_resolutions contains {index}, which is out of range: it holds indices into "
+                f"model.channel_mults={channel_mults}, so 0..{len(channel_mults) - 1} are allowed (or null)"
+            )
+    if attention_head_dim is not None:
+        attended = {*attention_resolutions, *up_attention_resolutions, len(channel_mults) - 1}  # the middle attends
+        widths = sorted({base_channels * channel_mults[i] for i in attended})
+        if attention_head_dim < 1 or any(w % attention_head_dim for w in widths):
+            raise ConfigError(
+                f"model.attention_head_dim={attention_head_dim} must divide the channel count of every level with "
+                f"attention, {widths} (or null for one head)"
+            )
+    if time_embedding_order not in TIME_EMBEDDING_ORDERS:
+        raise ConfigError(
+            f"model.time_embedding_order={time_embedding_order!r} is not one of {list(TIME_EMBEDDING_ORDERS)}"
+        )
+    half = base_channels // 2
+    if not (math.isfinite(time_embedding_freq_shift) and time_embedding_freq_shift < half):
+        raise ConfigError(
+            f"model.time_embedding_freq_shift={time_embedding_freq_shift} must be a finite number below "
+            f"model.base_channels/2={half} (the frequencies divide by their difference)"
         )

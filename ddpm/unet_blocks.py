@@ -12,35 +12,43 @@ from torch import nn
 
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "mish": nn.Mish}
 NORMS = ("gn", "in", "bn", "none")
+DOWNSAMPLE_PADDINGS = ("symmetric", "tf_same")
+TIME_EMBEDDING_ORDERS = ("sin_cos", "cos_sin")
 
 
-def make_norm(kind: str, channels: int, num_groups: int) -> nn.Module:
+def make_norm(kind: str, channels: int, num_groups: int, eps: float = 1e-5) -> nn.Module:
     """A normalization layer by name: group, instance, batch, or none."""
     if kind == "gn":
-        return nn.GroupNorm(num_groups, channels)
+        return nn.GroupNorm(num_groups, channels, eps=eps)
     if kind == "in":
-        return nn.InstanceNorm2d(channels, affine=True)
+        return nn.InstanceNorm2d(channels, eps=eps, affine=True)
     if kind == "bn":
-        return nn.BatchNorm2d(channels)
+        return nn.BatchNorm2d(channels, eps=eps)
     return nn.Identity()
 
 
-def sinusoidal_embedding(t: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def sinusoidal_embedding(
+    t: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32, *, freq_shift: float = 1, cos_first: bool = False
+) -> torch.Tensor:
     """Transformer-style sin/cos features of the timestep (Vaswani et al. 2017, as used by DDPM), in `dtype`
-    (the network's: float32, or float64 for a .double() model; autocast casts further where it runs)."""
+    (the network's: float32, or float64 for a .double() model; autocast casts further where it runs).
+
+    Frequency i of dim/2 is 10000^(-i / (dim/2 - freq_shift)): freq_shift=1 (the DDPM release's) spans
+    1 ... 1/10000 exactly. `cos_first` puts the cosines first."""
     half = dim // 2
-    frequencies = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=dtype) / (half - 1))
+    frequencies = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=dtype) / (half - freq_shift))
     angles = t.to(dtype)[:, None] * frequencies[None, :]
-    return torch.cat([angles.sin(), angles.cos()], dim=1)
+    features = [angles.cos(), angles.sin()] if cos_first else [angles.sin(), angles.cos()]
+    return torch.cat(features, dim=1)
 
 
 class AttentionBlock(nn.Module):
     """Self-attention over all pixels, added to the input."""
 
-    def __init__(self, channels: int, *, norm: str, num_groups: int, num_heads: int = 1):
+    def __init__(self, channels: int, *, norm: str, num_groups: int, num_heads: int = 1, norm_eps: float = 1e-5):
         super().__init__()
         self.num_heads = num_heads
-        self.norm = make_norm(norm, channels, num_groups)
+        self.norm = make_norm(norm, channels, num_groups, norm_eps)
         self.to_qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.to_out = nn.Conv2d(channels, channels, 1)
 
@@ -72,19 +80,25 @@ class ResidualBlock(nn.Module):
         num_groups: int,
         activation: str,
         attention: bool,
+        norm_eps: float = 1e-5,
+        attention_head_dim: int | None = None,
     ):
+        """`attention_head_dim`: channels per attention head; None = one head of all channels."""
         super().__init__()
         self.activation = ACTIVATIONS[activation]()
-        self.norm_1 = make_norm(norm, in_channels, num_groups)
+        self.norm_1 = make_norm(norm, in_channels, num_groups, norm_eps)
         self.conv_1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_bias = nn.Linear(time_emb_dim, out_channels)
         self.class_bias = nn.Embedding(num_classes, out_channels) if num_classes is not None else None
-        self.norm_2 = make_norm(norm, out_channels, num_groups)
+        self.norm_2 = make_norm(norm, out_channels, num_groups, norm_eps)
         self.dropout = nn.Dropout(dropout)
         self.conv_2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        heads = 1 if attention_head_dim is None else out_channels // attention_head_dim
         self.attention = (
-            AttentionBlock(out_channels, norm=norm, num_groups=num_groups) if attention else nn.Identity()
+            AttentionBlock(out_channels, norm=norm, num_groups=num_groups, num_heads=heads, norm_eps=norm_eps)
+            if attention
+            else nn.Identity()
         )
 
     def forward(self, x: torch.Tensor, time_emb: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -98,14 +112,19 @@ class ResidualBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halves the resolution with a strided 3x3 convolution."""
+    """Halves the resolution with a strided 3x3 convolution.
 
-    def __init__(self, channels: int):
+    `padding`: "symmetric" pads one pixel on every side; "tf_same" pads one pixel at the bottom and right only, as
+    TensorFlow's "SAME" does for a stride-2 3x3 convolution of an even size (the DDPM release was trained so): the
+    kernel's taps then sit one pixel further down and right, so the same weights give another function."""
+
+    def __init__(self, channels: int, padding: str = "symmetric"):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.tf_same = padding == "tf_same"
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if self.tf_same else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.tf_same else x)
 
 
 # Nearest-neighbour upsampling followed by a 3x3 convolution, seen from the low-resolution input: an output
