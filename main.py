@@ -1,4 +1,4 @@
-"""The one entry point: `python main.py [task=train|sample|evaluate|benchmark|plot_schedules] [group=option] [key=value ...]`."""
+"""The one entry point: `python main.py [task=train|sample|evaluate|benchmark|plot_schedules|import] [group=option] [key=value ...]`."""
 
 import logging
 import os

@@ -131,7 +131,7 @@ def build_settings(node: DictConfig) -> Any:
 
 # The top-level keys something reads: the config groups, and the keys of config.yaml and conf/task/*.yaml.
 TOP_LEVEL = ("paths", "dataset", "model", "schedule", "diffusion", "optimizer", "trainer", "sampler", "logger", "fid",
-             "task", "checkpoint", "trust_checkpoint", "sample", "eval", "benchmark")  # fmt: skip
+             "task", "checkpoint", "trust_checkpoint", "sample", "eval", "benchmark", "import")  # fmt: skip
 # Keys of a section that the code building it reads itself, rather than its `_target_`.
 READ_BY_THE_BUILDER = {"sampler": ("guidance_scale",)}
 
