@@ -1,8 +1,11 @@
 """Which checkpoint a training run continues from (`trainer.resume`), and whether it may continue from it."""
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
+
+from hydra.utils import get_object
 
 from ddpm.checkpoint import load_checkpoint, periodic_checkpoints
 from ddpm.configs import describe, differences
@@ -61,6 +64,27 @@ def find_resume_checkpoint(setting: str, checkpoint_dir: Path, *, run: str | Non
     return None
 
 
+def with_later_options(saved: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's config with the options that `config` sets and its components gained since the checkpoint
+    was written filled in with the components' defaults, which are the behaviour the checkpoint was trained with:
+    an older run stays resumable."""
+    filled = dict(saved)
+    for section in MUST_MATCH:
+        settings = saved.get(section)
+        if not isinstance(settings, dict) or "_target_" not in settings:
+            continue
+        try:
+            parameters = inspect.signature(get_object(settings["_target_"])).parameters.values()
+        except (ImportError, AttributeError, ValueError, TypeError):
+            continue  # a component that no longer exists: the comparison names the difference
+        defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+        wanted = config.get(section) if isinstance(config.get(section), dict) else {}
+        later = {name: list(value) if isinstance(value, tuple) else value
+                 for name, value in defaults.items() if name in wanted and name not in settings}  # fmt: skip
+        filled[section] = {**settings, **later}
+    return filled
+
+
 def check_resumable(path: Path, state: dict[str, Any], config: dict[str, Any]) -> None:
     """Refuses a checkpoint without training state or of another model/data; warns about other changes."""
     missing = [key for key in TRAINING_STATE if key not in state]
@@ -69,7 +93,7 @@ def check_resumable(path: Path, state: dict[str, Any], config: dict[str, Any]) -
             f"trainer.resume={path} holds weights but no training state ({', '.join(missing)} missing), so the run "
             "cannot continue from it; it can still be sampled from (task=sample checkpoint=...)."
         )
-    saved = state["config"]
+    saved = with_later_options(state["config"], config)
     fixed = [c for c in differences(saved, config, MUST_MATCH) if c[0] not in MAY_MOVE]
     fixed += [c for c in differences(saved, config, ("trainer",)) if c[0].split(".")[1] in MUST_MATCH_TRAINER]
     if fixed:

@@ -221,6 +221,21 @@ def test_a_training_config_holds_only_what_training_reads_so_resume_warns_only_a
     assert "optimizer.lr" in caplog.text
 
 
+def test_a_checkpoint_written_before_a_model_option_existed_still_resumes_and_a_real_change_is_still_refused(tmp_path):
+    """Options added to the UNet later (norm_eps, downsample_padding, ...) are absent from an older checkpoint's
+    config; their defaults are what it was trained with, so the same run continues, and setting one otherwise is
+    a change of the network."""
+    from conftest import compose_config
+
+    config = OmegaConf.to_container(compose_config("experiment=quickstart"), resolve=True)
+    added = ("norm_eps", "downsample_padding", "up_attention_resolutions", "time_embedding_order")
+    older = {**config, "model": {k: v for k, v in config["model"].items() if k not in added}}
+    state = {**a_state(), "config": older, "optimizer": {}, "loop": {}, "data": {}, "rng": {}}
+    check_resumable(tmp_path, state, config)
+    with pytest.raises(ConfigError, match="model.norm_eps=1e-06, but trainer.resume=.* with model.norm_eps=1e-05"):
+        check_resumable(tmp_path, state, {**config, "model": {**config["model"], "norm_eps": 1e-6}})
+
+
 # ------------------------------------------------------------------------------------------ housekeeping
 
 
