@@ -1,35 +1,18 @@
-"""Sample-quality metrics: FID, Inception Score, precision/recall, and the feature extractors behind them.
+"""Sample-quality metrics of features: FID, KID, Inception Score and precision/recall.
 
-The metric functions are pure (NumPy in, numbers out). A feature extractor is any object with
-
-    extractor(images) -> (features [N, D], logits [N, C])      images: uint8 tensor, N x 3 x H x W
-
-and a `name` (used in the file name of cached reference statistics). `InceptionFeatures` is the one the
-papers use (TensorFlow's 2015 Inception-v3 through torch-fidelity, whose outputs match the TensorFlow
-reference); `TinyExtractor` is a small random network for tests and quick CPU checks only.
+Pure functions (NumPy in, numbers out); the networks that give the features are in ddpm.feature_extractors.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from pathlib import Path
 
 import numpy as np
 import scipy.linalg
 import torch
-import torch.nn as nn
-
-from ddpm.errors import ConfigError, DatasetNotFoundError
 
 log = logging.getLogger(__name__)
-
-# What torch-fidelity downloads (torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3); repeated here
-# so the error for a machine without internet can name it without importing torch-fidelity first.
-INCEPTION_WEIGHTS_URL = (
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
-)
-INCEPTION_WEIGHTS_FILE = INCEPTION_WEIGHTS_URL.rsplit("/", 1)[1]
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -132,105 +115,27 @@ def precision_recall(
     return precision, recall
 
 
-# ----------------------------------------------------------------------------------------- feature extractors
+def _polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return (x @ y.T / x.shape[1] + 1) ** 3
 
 
-def _as_rgb_uint8(images: torch.Tensor) -> torch.Tensor:
-    """uint8 N x C x H x W with C = 1 or 3 -> N x 3 x H x W (gray repeated, the usual convention)."""
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"expected uint8 images N x (1 or 3) x H x W, got {images.dtype} {tuple(images.shape)}")
-    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-
-
-class InceptionFeatures:
-    """The Inception-v3 of the FID/IS papers (TensorFlow's 2015 graph, ported by torch-fidelity): 2048-d pool3
-    features for FID and precision/recall, 1008 unbiased logits for the Inception Score.
-
-    `weights_path` is the torch-fidelity weights file; None downloads it once into torch's hub cache.
-    """
-
-    name = "inception-v3-compat"
-
-    def __init__(self, weights_path: str | None = None, device: str | torch.device = "cpu"):
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-        if weights_path is not None:
-            weights_path = str(weights_path)
-            self._check_weights_file(weights_path)
-        try:
-            self.network = FeatureExtractorInceptionV3(
-                name=self.name, features_list=["2048", "logits_unbiased"], feature_extractor_weights_path=weights_path
-            )
-        except Exception as error:  # URLError, HTTPError, OSError, RuntimeError (hash), depending on the network
-            if weights_path is not None:
-                raise ConfigError(f"fid.extractor.weights_path={weights_path} could not be loaded: {error}") from error
-            target = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
-            raise DatasetNotFoundError(
-                f"the Inception-v3 weights could not be downloaded ({type(error).__name__}: {error}). Without "
-                f"internet access, download {INCEPTION_WEIGHTS_FILE} from {INCEPTION_WEIGHTS_URL} on another "
-                f"machine and either pass fid.extractor.weights_path=/path/to/{INCEPTION_WEIGHTS_FILE} or place it "
-                f"at {target} (torch's hub cache, where it is looked for first)."
-            ) from error
-        self.device = torch.device(device)
-        self.network.to(self.device)
-
-    @staticmethod
-    def _check_weights_file(path: str) -> None:
-        """An existing file of plain tensors: torch-fidelity loads it with weights_only=False, which would run
-        any code a crafted file carries, so it is read safely here first."""
-        if not Path(path).is_file():
-            raise ConfigError(
-                f"fid.extractor.weights_path={path} does not exist. Download {INCEPTION_WEIGHTS_FILE} from "
-                f"{INCEPTION_WEIGHTS_URL} and place it at {path} (or point fid.extractor.weights_path at it)."
-            )
-        try:
-            torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ConfigError(
-                f"fid.extractor.weights_path={path} is not a weights file of plain tensors ({error}); "
-                f"expected {INCEPTION_WEIGHTS_FILE} from {INCEPTION_WEIGHTS_URL}"
-            ) from error
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        features, logits = self.network(_as_rgb_uint8(images).to(self.device))
-        return features.double().cpu().numpy(), logits.double().cpu().numpy()
-
-
-class TinyExtractor(nn.Module):
-    """A stand-in for tests and quick CPU checks: a fixed random conv net (seeded, no weights file).
-
-    Its FID and IS are NOT comparable with any paper: they only order samples of the same setup, and they
-    make the whole evaluate path runnable without the Inception weights.
-    """
-
-    def __init__(
-        self,
-        dim: int = 32,
-        num_classes: int = 10,
-        seed: int = 0,
-        device: str | torch.device = "cpu",
-        weights_path: str | None = None,
-    ):
-        """`weights_path` is ignored: accepted so that `fid.extractor._target_=ddpm.metrics.TinyExtractor` alone
-        swaps it in for InceptionFeatures, whose node has a weights_path (`fid=tiny` is the preset)."""
-        super().__init__()
-        self.name = f"tiny-d{dim}-c{num_classes}-s{seed}"
-        generator = torch.Generator().manual_seed(seed)
-        self.conv1 = nn.Conv2d(3, 16, 3, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(16, dim, 3, stride=2, padding=1)
-        self.head = nn.Linear(dim, num_classes)
-        with torch.no_grad():  # initialized from our own generator: the same network everywhere
-            for parameter in self.parameters():
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-        self.requires_grad_(False)
-        self.eval()
-        self.device = torch.device(device)
-        self.to(self.device)
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        x = _as_rgb_uint8(images).to(self.device).float() / 127.5 - 1
-        x = torch.tanh(self.conv2(torch.tanh(self.conv1(x))))
-        features = x.mean(dim=(2, 3))
-        return features.double().cpu().numpy(), self.head(features).double().cpu().numpy()
+def kernel_inception_distance(
+    real_features: np.ndarray, fake_features: np.ndarray, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """KID (Binkowski et al. 2018): the unbiased estimate of MMD^2 with the kernel k(x, y) = (x.y / d + 1)^3,
+    over `num_subsets` random subsets of min(subset_size, N_real, N_fake) rows of each; mean and std.
+    Unlike FID it has no bias in the number of samples, so small sets compare fairly."""
+    real = np.asarray(real_features, np.float64)
+    fake = np.asarray(fake_features, np.float64)
+    size = min(subset_size, len(real), len(fake))
+    if size < 2:
+        raise ValueError(f"kernel_inception_distance needs at least 2 samples of each kind, got {len(real)}, {len(fake)}")
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(num_subsets):
+        x = real[rng.choice(len(real), size, replace=False)]
+        y = fake[rng.choice(len(fake), size, replace=False)]
+        k_xx, k_yy, k_xy = _polynomial_kernel(x, x), _polynomial_kernel(y, y), _polynomial_kernel(x, y)
+        within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (size * (size - 1))
+        values.append(within - 2 * k_xy.mean())
+    return float(np.mean(values)), float(np.std(values))

@@ -1,19 +1,14 @@
-"""The metric functions against independent computations, and the feature extractors' contracts."""
-
-import urllib.error
+"""The metric functions against independent computations (closed forms, torch-fidelity's KID)."""
 
 import numpy as np
 import pytest
 import torch
 
-from ddpm.errors import ConfigError, DatasetNotFoundError, UserError
 from ddpm.metrics import (
-    INCEPTION_WEIGHTS_FILE,
-    InceptionFeatures,
-    TinyExtractor,
     feature_statistics,
     frechet_distance,
     inception_score,
+    kernel_inception_distance,
     precision_recall,
 )
 
@@ -90,37 +85,51 @@ def test_precision_recall_of_the_same_distribution_is_high_and_of_a_far_one_zero
     assert precision == 1.0 and recall < 0.1
 
 
-def test_tiny_extractor_is_deterministic_and_takes_gray_or_rgb_uint8():
-    images = torch.randint(0, 256, (6, 1, 16, 16), dtype=torch.uint8)
-    features, logits = TinyExtractor()(images)
-    again, _ = TinyExtractor()(images.expand(-1, 3, -1, -1).contiguous())
-    assert features.shape == (6, 32) and logits.shape == (6, 10)
-    np.testing.assert_allclose(features, again)
-    with pytest.raises(ValueError, match="uint8"):
-        TinyExtractor()(images.float())
+def test_frechet_distance_equals_the_closed_form_of_two_gaussians_with_commuting_covariances():
+    """Sigma_i = R diag(a_i) R^T share eigenvectors: FID = |mu1 - mu2|^2 + sum (sqrt a1 - sqrt a2)^2."""
+    rng = np.random.default_rng(3)
+    rotation, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+    a1, a2 = rng.uniform(0.1, 4, 16), rng.uniform(0.1, 4, 16)
+    mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
+    closed_form = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a1) - np.sqrt(a2)) ** 2)
+    sigma1, sigma2 = rotation @ np.diag(a1) @ rotation.T, rotation @ np.diag(a2) @ rotation.T
+    assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(closed_form, rel=1e-9)
+    # From samples of the two Gaussians: the estimate converges to the closed form.
+    x = rng.multivariate_normal(mu1, sigma1, size=200_000)
+    y = rng.multivariate_normal(mu2, sigma2, size=200_000)
+    assert frechet_distance(*feature_statistics(x), *feature_statistics(y)) == pytest.approx(closed_form, rel=0.02)
 
 
-def test_inception_with_a_missing_weights_file_names_the_file_and_the_key(tmp_path):
-    missing = tmp_path / "nowhere" / INCEPTION_WEIGHTS_FILE
-    with pytest.raises(ConfigError) as caught:
-        InceptionFeatures(weights_path=str(missing))
-    message = str(caught.value)
-    assert f"fid.extractor.weights_path={missing} does not exist" in message
-    assert "weights-inception-2015-12-05-6726825d.pth" in message
+def _unbiased_mmd2(x, y):
+    """MMD^2 with the cubic polynomial kernel, term by term (Binkowski et al. 2018, eq. 2), in loops."""
+    d, m = x.shape[1], len(x)
+    k = lambda a, b: (a @ b / d + 1) ** 3  # noqa: E731
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
 
 
-def test_inception_without_internet_says_which_file_to_place_where(monkeypatch):
-    import torch_fidelity.feature_extractor_inceptionv3 as inception
+def test_kid_on_whole_sets_equals_the_unbiased_mmd_and_torch_fidelity():
+    from torch_fidelity.metric_kid import kid_features_to_metric
 
-    assert inception.URL_INCEPTION_V3.endswith(INCEPTION_WEIGHTS_FILE)  # the name we tell users is torch-fidelity's
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(40, 8)), rng.normal(0.3, 1.2, size=(40, 8))
+    kid, std = kernel_inception_distance(real, fake, num_subsets=1, subset_size=40)  # a subset of all rows: no sampling
+    assert kid == pytest.approx(_unbiased_mmd2(real, fake), rel=1e-10) and std == 0
+    theirs = kid_features_to_metric(torch.from_numpy(real), torch.from_numpy(fake), kid_subsets=1, kid_subset_size=40,
+                                    kid_degree=3, kid_gamma=None, kid_coef0=1, rng_seed=0, verbose=False)  # fmt: skip
+    assert kid == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-10)
 
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(inception, "load_state_dict_from_url", offline)
-    with pytest.raises(DatasetNotFoundError) as caught:
-        InceptionFeatures()
-    message = str(caught.value)
-    assert isinstance(caught.value, UserError)
-    assert INCEPTION_WEIGHTS_FILE in message and "fid.extractor.weights_path=" in message
-    assert str(torch.hub.get_dir()) in message
+def test_kid_is_near_zero_for_one_distribution_and_grows_with_the_distance():
+    rng = np.random.default_rng(1)
+    real = rng.normal(size=(600, 32))
+    same, near, far = rng.normal(size=(600, 32)), rng.normal(0.2, 1, size=(600, 32)), rng.normal(1, 1, size=(600, 32))
+    kid_same, std_same = kernel_inception_distance(real, same, num_subsets=20, subset_size=300)
+    assert abs(kid_same) < 3 * std_same + 1e-3  # unbiased: no offset for a finite sample
+    kid_near, _ = kernel_inception_distance(real, near, num_subsets=20, subset_size=300)
+    kid_far, _ = kernel_inception_distance(real, far, num_subsets=20, subset_size=300)
+    assert kid_same < kid_near < kid_far
+    with pytest.raises(ValueError, match="at least 2"):
+        kernel_inception_distance(real[:1], same)

@@ -1,5 +1,5 @@
-"""The metrics of a set of generated images against the reference statistics: FID, Inception Score and
-precision/recall, from one pass of the feature extractor."""
+"""The metrics of a set of generated images against the reference statistics: FID, KID, precision/recall and
+the Inception Score, from one pass of the feature extractor."""
 
 from typing import Any
 
@@ -7,30 +7,41 @@ import numpy as np
 import torch
 
 from ddpm.evaluation.reference import extract_features
-from ddpm.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
+from ddpm.metrics import (
+    feature_statistics,
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+    precision_recall,
+)
 
 
 def image_metrics(
     images: np.ndarray, extractor: Any, reference: dict[str, Any], *, feature_batch_size: int, is_splits: int | None = 10,
-    pr_num_samples: int | None = None, pr_k: int = 3, device: torch.device | str = "cpu",
+    pr_num_samples: int | None = None, pr_k: int = 3, kid_subsets: int | None = None, kid_subset_size: int = 1000,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:  # fmt: skip
-    """FID of uint8 N x H x W x C images; IS unless is_splits is None, precision/recall unless pr_num_samples is."""
+    """FID of uint8 N x H x W x C images; IS unless is_splits is None, precision/recall unless pr_num_samples
+    is, KID unless kid_subsets is. An Inception Score the extractor cannot give is None, with the reason."""
     features, logits = extract_features(extractor, images, feature_batch_size)
     mu, sigma = feature_statistics(features)
     # The IS splits are consecutive: shuffle (fixed order) so class-sorted samples do not bias them.
-    order = np.random.default_rng(0).permutation(len(logits))
-    result = {
-        "fid": frechet_distance(mu, sigma, reference["mu"], reference["sigma"]),
-        "num_samples": len(images),
-        "extractor": extractor.name,
-        "reference": reference["path"],
-        "reference_count": int(reference["count"]),
-    }
-    if is_splits is not None:
-        result["inception_score"], result["inception_score_std"] = inception_score(logits[order], splits=is_splits)
+    order = np.random.default_rng(0).permutation(len(features))
+    result: dict[str, Any] = {"fid": frechet_distance(mu, sigma, reference["mu"], reference["sigma"]),
+                              "num_samples": len(images)}  # fmt: skip
+    real = reference["real_features"]
+    if kid_subsets is not None:
+        result["kid"], result["kid_std"] = kernel_inception_distance(real, features, kid_subsets, kid_subset_size)
+        result["kid_subset_size"] = min(kid_subset_size, len(real), len(features))
     if pr_num_samples is not None:
         fake = features[order[:pr_num_samples]]
-        real = reference["pr_features"]
         precision, recall = precision_recall(real, fake, k=pr_k, device=str(device))
-        result.update(precision=precision, recall=recall, pr_num_real=len(real), pr_num_fake=len(fake))
+        result.update(precision=precision, recall=recall, pr_k=pr_k, pr_num_real=len(real), pr_num_fake=len(fake))
+    if is_splits is not None:
+        if logits is None:
+            result.update(inception_score=None, inception_score_std=None,
+                          inception_score_unavailable=extractor.no_logits_reason)  # fmt: skip
+        else:
+            result["inception_score"], result["inception_score_std"] = inception_score(logits[order], splits=is_splits)
+            result["inception_score_unavailable"] = None
     return result
