@@ -136,7 +136,7 @@ def measure_fid(parts: TrainingParts, settings: TrainSettings, started: float) -
         fid = parts.evaluator(parts.diffusion)
         improved = loop.record_fid(fid)
         parts.logger.log({"fid": fid, "best_fid": loop.best_fid}, loop.step)
-        log.info("step %d  fid %.4g  (best %.4g)", loop.step, fid, loop.best_fid)
+        log.info("step %d  fid %.4g  (best %.4g; %s)", loop.step, fid, loop.best_fid, parts.evaluator.description)
     if any_rank(improved, ranks, parts.device):
         checkpoint(parts, started)  # this step's, before best.pt becomes a copy of it
         parts.checkpoints.keep_as_best()

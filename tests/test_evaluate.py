@@ -1,5 +1,6 @@
-"""task=evaluate end to end, with the small stand-in feature extractor (the Inception weights are not
-downloadable in CI): metrics of a checkpoint, of an npz, sharded generation and merge, the NFE sweep."""
+"""task=evaluate end to end, with the small stand-in feature extractor (fast; the real network's runs are in
+test_standard_fid.py): metrics and their protocol, several seeds, an npz, sharded generation and merge, the NFE
+sweep, FID during training."""
 
 import csv
 import json
@@ -37,14 +38,41 @@ def setup(tmp_path_factory):
 @pytest.mark.slow
 def test_evaluate_writes_metrics_samples_and_cached_reference_statistics(setup):
     metrics = json.loads((setup["single"] / "metrics.json").read_text())
-    assert metrics["num_samples"] == 20 and metrics["extractor"] == "tiny-d32-c10-s0"
-    assert np.isfinite(metrics["fid"]) and metrics["fid"] > 0
+    assert metrics["num_samples"] == 20
+    assert np.isfinite(metrics["fid"]) and metrics["fid"] > 0 and np.isfinite(metrics["kid"])
     assert 1 <= metrics["inception_score"] <= 10 and 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
-    assert metrics["reference_count"] == 1617  # the digits' training split
-    assert metrics["reference"].endswith("stats/digits-16px-tiny-d32-c10-s0-train.npz")
+    extractor, reference, generated = (metrics["protocol"][key] for key in ("extractor", "reference", "generated"))
+    assert extractor["name"] == "tiny-d32-c10-s0" and len(extractor["weights_sha256"]) == 64
+    assert reference["split"] == "train" and reference["num_images"] == 1617  # the digits' training split
+    # The cache file names the data, split, count and the extractor with its weights' hash.
+    assert reference["statistics_file"].endswith(
+        f"stats/digits-16px-train-all-tiny-d32-c10-s0-{extractor['weights_sha256'][:12]}.npz")
+    assert generated["num_images"] == 20 and generated["seeds"] == [0] and generated["weights"] == "ema"
+    assert generated["sampler"]["name"] == "ddpm_ancestral" and generated["sampler"]["steps"] == 20
+    assert generated["precision"] == "fp32" and generated["quantization"].startswith("uint8")
+    assert generated["checkpoint"] == str(setup["checkpoint"]) and generated["step"] == 2
     samples = np.load(setup["single"] / "samples.npz")
     assert samples["arr_0"].shape == (20, 16, 16, 1) and samples["arr_0"].dtype == np.uint8
     assert np.bincount(samples["arr_1"]).tolist() == [2] * 10  # balanced classes
+    assert json.loads(samples["meta"].item())["seed"] == 0  # the file carries how it was drawn
+
+
+@pytest.mark.slow
+def test_three_seeds_give_fid_per_seed_with_min_mean_and_std_and_a_partial_last_batch_counts(setup, tmp_path):
+    """eval.seeds=[0,1,2]: each seed's images, all eval.num_samples of them (15 in batches of 10: the last,
+    partial batch is drawn and counted); FID is the minimum over seeds (EDM's convention), with mean and std."""
+    run_in_process("task=evaluate", *setup["common"], "eval.num_samples=15", "eval.batch_size=10",
+                   "eval.pr_num_samples=200", "eval.seeds=[0,1,2]", f"hydra.run.dir={tmp_path}")  # fmt: skip
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    per_seed = [metrics["fid_per_seed"][seed] for seed in ("0", "1", "2")]
+    assert metrics["fid"] == min(per_seed) and metrics["fid_mean"] == pytest.approx(np.mean(per_seed))
+    assert metrics["fid_std"] == pytest.approx(np.std(per_seed, ddof=1)) and metrics["fid_std"] > 0
+    assert metrics["protocol"]["generated"]["seeds"] == [0, 1, 2]
+    assert metrics["protocol"]["generated"]["num_images"] == metrics["num_samples"] == 15
+    drawn = [np.load(tmp_path / f"samples_seed{seed}.npz")["arr_0"] for seed in (0, 1, 2)]
+    assert [len(images) for images in drawn] == [15, 15, 15] and not np.array_equal(drawn[0], drawn[1])
+    # Seed 0's images are the single run's: the same generator, whatever else is drawn.
+    np.testing.assert_array_equal(drawn[0], np.load(setup["single"] / "samples.npz")["arr_0"][:15])
 
 
 @pytest.mark.slow
@@ -53,6 +81,21 @@ def test_existing_samples_give_the_same_metrics(setup, tmp_path):
                    f"fid.reference_dir={setup['root'] / 'stats'}", "eval.pr_num_samples=200", f"hydra.run.dir={tmp_path}")
     again, single = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path, setup["single"]))
     assert again["fid"] == pytest.approx(single["fid"]) and again["precision"] == single["precision"]
+
+
+@pytest.mark.slow
+def test_samples_are_compared_with_the_data_their_checkpoint_learned(setup, tmp_path, capfd):
+    """task=sample's and task=evaluate's npz record the checkpoint's dataset: without dataset=... the digits
+    are found; another dataset named on the command line is refused in one line, before any feature is computed."""
+    samples = setup["single"] / "samples.npz"
+    run_in_process("task=evaluate", "fid=tiny", "eval.device=cpu", f"eval.samples={samples}", "eval.pr_num_samples=200",
+                   f"fid.reference_dir={setup['root'] / 'stats'}", f"hydra.run.dir={tmp_path / 'found'}")  # fmt: skip
+    found = json.loads((tmp_path / "found" / "metrics.json").read_text())
+    assert found["protocol"]["reference"]["dataset"] == "digits-16px" and found["protocol"]["generated"]["step"] == 2
+    code, output = run_main_in_process(["task=evaluate", "fid=tiny", "dataset=cifar10", f"eval.samples={samples}",
+                                        f"hydra.run.dir={tmp_path / 'refused'}"], capfd)  # fmt: skip
+    assert code == 1 and f"eval.samples={samples} (from {setup['checkpoint']}) was trained with" in output, output
+    assert "Traceback" not in output
 
 
 @pytest.mark.slow
@@ -91,7 +134,10 @@ def test_nfe_sweep_writes_a_table_and_a_plot(setup, tmp_path):
     assert [row["nfe"] for row in rows if row["sampler"] == "ddpm"] == ["20"]  # counted network calls
     assert len(rows) == len(samplers)
     assert all(np.isfinite(float(row["fid"])) for row in rows)
-    assert (tmp_path / "nfe_sweep.md").read_text().startswith("| sampler | steps | nfe | fid |")
+    assert all(float(row["seconds_per_image"]) > 0 and np.isfinite(float(row["kid"])) for row in rows)
+    assert (tmp_path / "nfe_sweep.md").read_text().startswith("| sampler | steps | nfe | seconds_per_image | fid |")
+    protocol = json.loads((tmp_path / "metrics.json").read_text())["protocol"]
+    assert protocol["generated"]["num_images"] == 10 and protocol["extractor"]["name"] == "tiny-d32-c10-s0"
     assert Image.open(tmp_path / "nfe_sweep.png").size[0] > 300
 
 
@@ -133,6 +179,10 @@ def test_training_measures_fid_and_keeps_the_best_checkpoint(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["best_fid"] == min(fids)
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["loop"]["best_fid"] == min(fids)
+    # The cheap FID's protocol, next to its values: same extractor as task=evaluate, its images, sampler, steps.
+    protocol = json.loads((tmp_path / "run" / "fid_protocol.json").read_text())
+    assert protocol["extractor"]["name"] == "tiny-d32-c10-s0" and protocol["generated"]["num_images"] == 20
+    assert protocol["generated"]["sampler"]["name"] == "ddim" and protocol["generated"]["sampler"]["steps"] == 5
 
 
 @pytest.mark.slow
@@ -175,9 +225,9 @@ class RecordingExtractor:
 
     built_on: list[str] = []
 
-    def __init__(self, device="cpu"):
+    def __init__(self, device="cpu", weights_path=None):
         RecordingExtractor.built_on.append(str(device))
-        self.name = "recording"
+        self.name, self.weights_sha256, self.preprocessing = "recording", "0" * 64, "none"
 
     def __call__(self, images):
         generator = np.random.default_rng(len(images))
@@ -195,4 +245,4 @@ def test_fid_during_training_builds_its_extractor_on_the_training_device(tmp_pat
     evaluator = FidDuringTraining(build_settings(cfg.fid), cfg.dataset, cfg.paths.data_dir, device=training_device,
                                   num_samples=10, steps=2, batch_size=5)  # fmt: skip
     assert RecordingExtractor.built_on == ["cuda:1"]
-    assert evaluator.device == training_device and evaluator.reference["count"] == 1617
+    assert evaluator.device == training_device and evaluator.reference["num_images"] == 1617

@@ -271,6 +271,8 @@ def test_augmentation_differs_between_images_and_epochs():
 class ScriptedFid:
     """Stands in for the FID of tasks/evaluate.py: returns the given values in turn, remembering the weights."""
 
+    description = "scripted values"
+
     def __init__(self, values):
         self.values, self.calls = list(values), []
 

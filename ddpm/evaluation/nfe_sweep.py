@@ -12,7 +12,7 @@ from ddpm.errors import ConfigError
 from ddpm.evaluation.settings import SWEEP_SAMPLERS
 
 log = logging.getLogger(__name__)
-COLUMNS = ["sampler", "steps", "nfe", "fid", "inception_score", "precision", "recall"]
+COLUMNS = ["sampler", "steps", "nfe", "seconds_per_image", "fid", "kid", "inception_score", "precision", "recall"]
 
 
 def sweep_points(names: list[str], steps: list[int], num_timesteps: int) -> list[tuple[str, int | None]]:

@@ -41,8 +41,9 @@ def read_npz(path: Path, key: str) -> dict[str, np.ndarray]:
         raise ConfigError(f"{key}={path} is truncated or damaged: it cannot be read as an npz file ({reason})") from error
 
 
-def read_samples(path: str | Path) -> np.ndarray:
-    """uint8 N x H x W x C images from a guided-diffusion style npz (arr_0)."""
+def read_samples(path: str | Path) -> tuple[np.ndarray, dict | None]:
+    """uint8 N x H x W x C images from a guided-diffusion style npz (arr_0), and how they were drawn when the
+    file records it (`meta`, written by task=sample and task=evaluate)."""
     path = Path(to_absolute_path(str(path)))
     data = read_npz(path, "eval.samples")
     if "arr_0" not in data:
@@ -50,7 +51,7 @@ def read_samples(path: str | Path) -> np.ndarray:
     images = data["arr_0"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ConfigError(f"eval.samples={path}: arr_0 is {images.dtype} {images.shape}, expected uint8 N x H x W x (1 or 3)")
-    return images
+    return images, json.loads(str(data["meta"])) if "meta" in data else None
 
 
 def merge_shards(directory: str | Path) -> tuple[dict[str, np.ndarray], dict]:

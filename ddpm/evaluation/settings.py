@@ -8,7 +8,7 @@ import torch
 from hydra.utils import instantiate
 
 from ddpm.errors import ConfigError
-from ddpm.validation import Validated, at_least, seed_value
+from ddpm.validation import Validated, at_least, one_of, seed_value
 
 # Sampler names of eval.nfe_samplers -> their functions; ddpm has no step count (it takes every timestep).
 SWEEP_SAMPLERS = {
@@ -27,7 +27,9 @@ class FidSettings(Validated):
     extractor: Any = None  # a node with _target_: a callable uint8 images -> (features, logits), with a `name`
     batch_size: int = at_least(1, 200)  # images per feature-extraction batch
     reference_dir: str | None = None  # None = <paths.data_dir>/fid_stats
-    reference_pr_images: int = at_least(1, 10_000)  # real images whose features the cache keeps for precision/recall
+    reference_split: str = one_of(("train", "test"), "train")  # the split FID compares with
+    reference_num_images: int | None = at_least(2, None)  # None = the whole split; N = its first N images
+    reference_pr_images: int = at_least(1, 10_000)  # real images whose features the cache keeps (KID, precision/recall)
 
     def build_extractor(self, device: torch.device) -> Any:
         """The feature network on `device` (the task's, or the training run's)."""
@@ -41,6 +43,7 @@ class EvalSettings(Validated):
     num_samples: int = at_least(1, 50_000)
     batch_size: int = at_least(1, 250)  # images per sampling batch; also the unit of sharding
     seed: int = seed_value()
+    seeds: list[int] | None = None  # several seeds: FID per seed, reported as min, mean and std (overrides seed)
     use_ema: bool = True
     device: str = "auto"
     samples: str | None = None  # PATH.npz: evaluate it, generate nothing
@@ -48,6 +51,9 @@ class EvalSettings(Validated):
     precision_recall: bool = True
     pr_num_samples: int = at_least(1, 10_000)  # generated images compared with the real ones
     pr_k: int = at_least(1, 3)
+    kid: bool = True  # Binkowski et al. 2018, from the same features as FID
+    kid_subsets: int = at_least(1, 100)
+    kid_subset_size: int = at_least(2, 1000)
     shard: int = 0
     num_shards: int = at_least(1, 1)
     shard_dir: str | None = None
@@ -58,6 +64,14 @@ class EvalSettings(Validated):
     compile: bool | None = None
 
     def check(self) -> None:
+        seeds = self.seeds
+        if seeds is not None:
+            if not seeds or len(set(seeds)) != len(seeds) or not all(0 <= seed < 2**32 for seed in seeds):
+                raise ConfigError(f"eval.seeds={seeds!r} must be null or a list of distinct seeds in [0, 2**32), "
+                                  "e.g. [0,1,2]")  # fmt: skip
+            if len(seeds) > 1 and (self.samples or self.merge or self.num_shards > 1 or self.nfe_sweep is not None):
+                raise ConfigError(f"eval.seeds={seeds!r}: several seeds draw their own images in one job; they do not "
+                                  "go with eval.samples, eval.merge, eval.num_shards > 1 or eval.nfe_sweep")  # fmt: skip
         if self.num_samples < max(2, self.is_splits):
             raise ConfigError(f"eval.num_samples={self.num_samples} must be >= eval.is_splits={self.is_splits} (and >= 2)")
         if not 0 <= self.shard < self.num_shards:
@@ -81,6 +95,10 @@ class EvalSettings(Validated):
                               "eval.num_shards > 1")  # fmt: skip
         if sweep is not None and self.num_shards > 1:
             raise ConfigError("eval.nfe_sweep runs in one job: it does not go with eval.num_shards > 1")
+
+    @property
+    def seeds_to_draw(self) -> list[int]:
+        return list(self.seeds) if self.seeds is not None else [self.seed]
 
     @property
     def num_batches(self) -> int:

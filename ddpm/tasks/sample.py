@@ -15,6 +15,7 @@ from ddpm.build import build_sampler, load_diffusion
 from ddpm.configs import describe, differences
 from ddpm.devices import resolve_device
 from ddpm.errors import ConfigError
+from ddpm.evaluation.protocol import drawing_record
 from ddpm.evaluation.samples import save_npz
 from ddpm.fast_paths import prepare_for_sampling
 from ddpm.generation import ImageBatch, as_arrays, balanced_labels, draw_images
@@ -116,7 +117,10 @@ def run(cfg: DictConfig) -> dict:
                           seed=settings.seed, device=device, labels=labels, use_ema=settings.use_ema,
                           guidance_scale=guidance_scale, precision=precision)  # fmt: skip
     arrays = as_arrays(saved_as_pngs(batches, out_dir, settings.num_images))
-    npz = save_npz(out_dir / "samples.npz", arrays)
+    record = drawing_record(checkpoint=cfg.checkpoint, state=state, sampler_node=cfg.sampler,
+                            num_timesteps=diffusion.num_timesteps, ema_used=settings.use_ema and diffusion.ema is not None,
+                            seed=settings.seed, precision=precision)  # fmt: skip
+    npz = save_npz(out_dir / "samples.npz", arrays, record)
     result = {"out_dir": str(out_dir), "npz": str(npz), "shape": list(arrays["arr_0"].shape)}
 
     if settings.sequence:

@@ -94,7 +94,7 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
         evaluator = (
             FidDuringTraining(build_settings(cfg.fid), cfg.dataset, cfg.paths.data_dir, device=device,
                               num_samples=settings.eval_samples, steps=settings.eval_steps,
-                              batch_size=settings.eval_batch_size)
+                              batch_size=settings.eval_batch_size, ema=diffusion.ema is not None)
             if settings.eval_rate
             else None
         )  # fmt: skip
@@ -111,6 +111,8 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
             resume_step=resume[1]["step"] if resume else None, resume_state=resume[1].get("logger") if resume else None,
         )  # fmt: skip
         OmegaConf.save(config, run_dir / "config.yaml")  # only now: a failed start leaves the run's files alone
+        if evaluator is not None:  # what the logged `fid` values are: they compare only with each other
+            (run_dir / "fid_protocol.json").write_text(json.dumps(evaluator.protocol, indent=2) + "\n")
 
     try:
         with build_training(diffusion, optimizer, batches, settings, fast=fast, device=device, run_dir=run_dir,
