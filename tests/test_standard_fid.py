@@ -2,7 +2,7 @@
 package's own pipeline, on real images (scikit-learn's digits), and through task=evaluate in a subprocess.
 Also the contracts of the other extractors (torch-fidelity's, the tiny stand-in).
 
-The real network costs about 0.13 s per image on 2 CPU cores, so every image set here is small and its
+The real network costs 0.13-0.26 s per image on 2 CPU cores, so every image set here is small and its
 features are computed once per module."""
 
 import json
@@ -127,6 +127,29 @@ def test_on_real_digits_fid_orders_real_spoiled_and_noise(digit_features):
     assert fid["test"] < 0.3 * fid["spoiled"] and fid["spoiled"] < 0.8 * fid["noise"], fid
     assert kid["test"] < kid["spoiled"] < kid["noise"], kid
     assert abs(kid["test"]) < 0.01  # real against real: KID is unbiased, so near zero even on 64 images
+
+
+def test_cifar10_reference_statistics_come_from_the_archive_with_the_shipped_network(inception, tmp_path):
+    """On a machine with CIFAR-10 the paper-comparable reference is its training split through the real loading
+    code; here on the small archive test_data.py writes (20 training images, 4 test ones, real format)."""
+    from conftest import compose_config
+    from ddpm.evaluation.reference import reference_statistics
+    from ddpm.validation import build_settings
+    from test_data import trust_cifar_archive, write_cifar_archive
+
+    written = write_cifar_archive(tmp_path)
+    cfg = compose_config("dataset=cifar10", f"dataset.root={written.root}", f"fid.reference_dir={tmp_path / 'stats'}")
+    fid = build_settings(cfg.fid)
+    with pytest.MonkeyPatch.context() as patch:
+        trust_cifar_archive(patch, written)
+        reference = reference_statistics(fid, cfg.dataset, cfg.paths.data_dir, inception)
+    assert reference["num_images"] == 20 and reference["split"] == "train" and reference["dataset"] == "cifar10-32px"
+    assert reference["path"].endswith(f"cifar10-32px-train-all-inception-v3-2015-12-05-{SHIPPED_INCEPTION_SHA256[:12]}.npz")
+    # The statistics are those of the archive's training images as written (unflipped, every one of them).
+    expected, _ = extract_features(inception, written.train_images.transpose(0, 2, 3, 1), 20)
+    np.testing.assert_allclose(reference["mu"], expected.mean(axis=0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(reference["sigma"], np.cov(expected, rowvar=False), rtol=1e-5, atol=1e-6)
+    assert reference["real_features"].shape == (20, 2048)
 
 
 @pytest.mark.slow
