@@ -5,14 +5,8 @@ Pure functions (NumPy in, numbers out); the networks that give the features are 
 
 from __future__ import annotations
 
-import logging
-import warnings
-
 import numpy as np
-import scipy.linalg
 import torch
-
-log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -26,32 +20,33 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
-) -> float:
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a symmetric positive semi-definite matrix (rounding's negative eigenvalues
+    taken as the zeros they are)."""
+    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
+    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)): the FID between two Gaussians.
 
-    As in the reference implementation (TTUR / pytorch-fid): when the product is singular (fewer samples than
-    dimensions), `eps` is added to both diagonals; the imaginary parts that sqrtm's rounding leaves are dropped,
-    but large ones mean the result is wrong and raise.
+    The reference implementation (TTUR / pytorch-fid) takes scipy's sqrtm of the non-symmetric product. Only
+    its trace matters, and sigma1 sigma2 has the eigenvalues of the symmetric positive semi-definite
+    sqrt(sigma1) sigma2 sqrt(sigma1), so two symmetric eigendecompositions give the same number: several times
+    faster at 2048 dimensions, and exact where the covariances are singular (fewer samples than dimensions),
+    where sqrtm needs a diagonal offset and leaves imaginary rounding behind. The suite checks it against sqrtm.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
+    if not (np.isfinite(sigma1).all() and np.isfinite(sigma2).all()):
+        raise ValueError("FID: a covariance matrix has non-finite entries (NaN or infinite features)")
     diff = mu1 - mu2
-    with warnings.catch_warnings():  # a singular product warns; it is checked (and fixed) just below
-        warnings.simplefilter("ignore")
-        covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        log.warning("FID: sigma1 * sigma2 is singular; adding %g to the diagonal of both covariances", eps)
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"FID: sqrtm has an imaginary component of {np.max(np.abs(covmean.imag)):.3g}")
-        covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    root1 = _psd_sqrt(sigma1)
+    product = root1 @ sigma2 @ root1
+    trace_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0, None)).sum()
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_covmean)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

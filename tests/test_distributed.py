@@ -28,6 +28,16 @@ def test_the_global_batch_is_shared_evenly():
         local_batch_size(10, Ranks(0, 4, 0))
 
 
+def comparable(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The weights that rounding cannot move. The key bias of attention has a gradient of exactly zero in exact
+    arithmetic (a softmax does not see a shift shared by all keys), so its computed gradient is rounding noise,
+    which Adam's normalization turns into full-size steps that differ with the order of the sums."""
+    if name.endswith("attention.to_qkv.bias"):
+        query, _, value = tensor.chunk(3)
+        return torch.cat([query, value])
+    return tensor
+
+
 @pytest.mark.slow
 def test_torchrun_with_two_ranks_matches_one_process(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
@@ -41,7 +51,8 @@ def test_torchrun_with_two_ranks_matches_one_process(tmp_path):
     two = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
     one = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
     for name in one["model"]:  # the same batches and noise; only the order of the gradient sums differs
-        torch.testing.assert_close(two["model"][name], one["model"][name], rtol=1e-3, atol=1e-3, msg=name)
+        torch.testing.assert_close(comparable(name, two["model"][name]), comparable(name, one["model"][name]),
+                                   rtol=1e-3, atol=1e-3, msg=name)  # fmt: skip
     logged = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     reference = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert [row["train_loss"] for row in logged] == pytest.approx([row["train_loss"] for row in reference], rel=1e-4)

@@ -187,18 +187,19 @@ def test_training_measures_fid_and_keeps_the_best_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_sample_and_evaluate_draw_the_same_images_for_the_same_seed(setup, tmp_path):
-    """One image generator: task=sample gives the images task=evaluate drew (same seed, classes i mod C), and
-    the first 7 of them when asked for 7, at another batch size."""
+    """One image generator: task=sample gives the images task=evaluate drew (same seed, classes i mod C, and
+    evaluate's fp32: sample.precision=auto is bf16 on a CPU with bf16 units), and the first 7 of them when asked
+    for 7, at another batch size."""
     checkpoint = setup["checkpoint"]
     run_in_process("task=sample", f"checkpoint={checkpoint}", "sample.num_images=20", "sample.batch_size=10",
-                   "sample.device=cpu", f"sample.out_dir={tmp_path / 'all'}", f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
+                   "sample.device=cpu", "sample.precision=fp32", f"sample.out_dir={tmp_path / 'all'}", f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
     evaluated = np.load(setup["single"] / "samples.npz")
     sampled = np.load(tmp_path / "all" / "samples.npz")
     np.testing.assert_array_equal(sampled["arr_0"], evaluated["arr_0"])
     np.testing.assert_array_equal(sampled["arr_1"], evaluated["arr_1"])
 
     run_in_process("task=sample", f"checkpoint={checkpoint}", "sample.num_images=7", "sample.batch_size=3",
-                   "sample.device=cpu", f"sample.out_dir={tmp_path / 'first'}", f"hydra.run.dir={tmp_path / 'run2'}")  # fmt: skip
+                   "sample.device=cpu", "sample.precision=fp32", f"sample.out_dir={tmp_path / 'first'}", f"hydra.run.dir={tmp_path / 'run2'}")  # fmt: skip
     first = np.load(tmp_path / "first" / "samples.npz")["arr_0"].astype(int)
     assert np.abs(first - evaluated["arr_0"][:7].astype(int)).max() <= 1  # up to the last bit of another batch size
 

@@ -13,27 +13,33 @@ from ddpm.metrics import (
 )
 
 
-def _sqrt_psd(matrix):
-    """Square root of a symmetric positive semi-definite matrix by eigen-decomposition (no sqrtm)."""
-    values, vectors = np.linalg.eigh(matrix)
-    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+def _reference_fid(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """pytorch-fid's computation: scipy's sqrtm of the non-symmetric product, a diagonal offset where that is
+    not finite, the imaginary rounding dropped."""
+    import scipy.linalg
+
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(sigma1)) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
 
 
-def _independent_fid(a, b):
-    """FID via Tr sqrt(s1 s2) = Tr sqrt(sqrt(s1) s2 sqrt(s1)), which is symmetric PSD: eigh applies."""
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root1 = _sqrt_psd(s1)
-    cross = _sqrt_psd(root1 @ s2 @ root1)
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(cross))
-
-
-def test_frechet_distance_matches_an_eigendecomposition_computation():
+@pytest.mark.parametrize("num_a, num_b, dims", [(500, 400, 16), (40, 30, 256)], ids=["full-rank", "singular"])
+def test_frechet_distance_equals_the_reference_sqrtm_computation(num_a, num_b, dims):
+    """Full-rank covariances, and fewer samples than dimensions (as in a small FID of 2048 features)."""
     rng = np.random.default_rng(0)
-    a = rng.normal(size=(500, 16))
-    b = rng.normal(size=(400, 16)) @ rng.normal(size=(16, 16)) * 0.5 + 0.3
-    expected = _independent_fid(a, b)
-    assert frechet_distance(*feature_statistics(a), *feature_statistics(b)) == pytest.approx(expected, rel=1e-6)
+    a = rng.normal(size=(num_a, dims))
+    b = rng.normal(size=(num_b, dims)) @ rng.normal(size=(dims, dims)) * 0.5 + 0.3
+    stats_a, stats_b = feature_statistics(a), feature_statistics(b)
+    assert frechet_distance(*stats_a, *stats_b) == pytest.approx(_reference_fid(*stats_a, *stats_b), rel=1e-6)
+
+
+def test_frechet_distance_of_non_finite_statistics_says_so():
+    sigma = np.eye(3)
+    sigma[0, 1] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        frechet_distance(np.zeros(3), sigma, np.zeros(3), np.eye(3))
 
 
 def test_frechet_distance_of_identical_statistics_is_zero_and_handles_singular_covariances():

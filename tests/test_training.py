@@ -88,9 +88,12 @@ def test_training_order_depends_on_the_seed_alone():
     assert torch.equal(first, second) and not torch.equal(first, other)
 
 
-def tiny_diffusion(use_labels=True, null_class=False, dropout=0.1):
-    model = UNet(in_channels=1, image_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
-                 num_groups=8, use_labels=use_labels, num_classes=10, dropout=dropout, null_class=null_class)  # fmt: skip
+def tiny_diffusion(use_labels=True, null_class=False, dropout=0.1, one_level=False):
+    """Two levels (the second attends at 8x8); one_level=True: a single attending level, for tests whose cost
+    grows with the graph (compilation)."""
+    shape = {"channel_mults": (1,), "attention_resolutions": (0,)} if one_level else {"channel_mults": (1, 2)}
+    model = UNet(in_channels=1, image_size=16, base_channels=16, num_res_blocks=1, num_groups=8, **shape,
+                 use_labels=use_labels, num_classes=10, dropout=dropout, null_class=null_class)  # fmt: skip
     return GaussianDiffusion(model, linear_betas(50), 16, 1, ema=EMA(model, decay=0.9, start=2))
 
 
