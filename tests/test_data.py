@@ -328,3 +328,25 @@ def test_corrupt_image_is_named_before_training(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"this is not a png")
     with pytest.raises(ConfigError, match=r"bad.png in dataset.path=.* is not a readable image"):
         folder(str(tmp_path), image_size=16)  # headers are read when the dataset is built
+
+
+LOADER_LEFT_OPEN = """
+import torch
+from ddpm.data.loader import evaluation_batches
+data = torch.utils.data.TensorDataset(torch.zeros(64, 1, 2, 2), torch.zeros(64))
+loader = evaluation_batches(data, 4, num_workers=1)
+left_open = iter(loader)  # referenced until the interpreter exits: its worker is still alive then
+next(left_open)
+print("exiting")
+"""
+
+
+def test_a_process_exits_with_a_data_loader_worker_still_alive():
+    """The workers ignore SIGTERM (the main process handles preemption), which is what multiprocessing sends
+    them at exit before waiting for them: without the exit handler that kills them the process hangs."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", LOADER_LEFT_OPEN], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "exiting" in result.stdout, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr  # a killed worker is not reported as a failure

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PROJECT_ROOT, TINY_QUICKSTART, run_main, user_environment
+from conftest import PROJECT_ROOT, TINY_QUICKSTART, comparable, run_main, user_environment
 from ddpm.checkpoint import load_checkpoint
 from ddpm.distributed import Ranks, local_batch_size
 from ddpm.errors import ConfigError
@@ -26,16 +26,6 @@ def test_the_global_batch_is_shared_evenly():
     assert local_batch_size(128, Ranks(0, 4, 0)) == 32
     with pytest.raises(ConfigError, match="trainer.batch_size=10 is the global batch"):
         local_batch_size(10, Ranks(0, 4, 0))
-
-
-def comparable(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """The weights that rounding cannot move. The key bias of attention has a gradient of exactly zero in exact
-    arithmetic (a softmax does not see a shift shared by all keys), so its computed gradient is rounding noise,
-    which Adam's normalization turns into full-size steps that differ with the order of the sums."""
-    if name.endswith("attention.to_qkv.bias"):
-        query, _, value = tensor.chunk(3)
-        return torch.cat([query, value])
-    return tensor
 
 
 @pytest.mark.slow

@@ -5,6 +5,8 @@ stopped. So nothing here draws from a global random stream: epoch e's order and 
 come from a generator seeded with (seed, e), and each batch is loaded under its own seed, in whichever worker.
 """
 
+import atexit
+import multiprocessing
 import signal
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +23,19 @@ def ignore_stop_signals(worker_id: int) -> None:
     they ended would fail the step in flight. Workers end with the main process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register  # after multiprocessing's own exit handler, so it runs first
+def _kill_workers_left_at_exit() -> None:
+    """At exit, multiprocessing ends the daemonic workers still alive with SIGTERM, which ours ignore, and then
+    waits for them: a loader iterator still referenced when the interpreter exits would hang the process. The
+    workers hold nothing to save, so they are killed (torch's SIGCHLD handler, which would report each killed
+    worker as a failure, is set aside first)."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in workers:
+        worker.kill()
 
 
 class SeededBatches(Dataset):
