@@ -11,6 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ddpm import objectives
 from ddpm.checkpoint import load_checkpoint
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.ema import EMA
@@ -68,10 +69,10 @@ def build_sampler(node: DictConfig, betas: torch.Tensor | None = None) -> tuple[
 
 
 def rehearse(sampler: Callable[..., torch.Tensor], betas: torch.Tensor) -> None:
-    """One run of `sampler` on a one-pixel image with a predictor of zeros: milliseconds, and it reaches every
+    """One run of `sampler` on a one-pixel image with a denoiser of zeros: milliseconds, and it reaches every
     check the sampler makes of its settings against the schedule (steps, eta, spacing, ...)."""
-    pixel = torch.zeros(1, 1, 1, 1)
-    sampler(lambda x, t: torch.zeros_like(x), pixel, betas.detach().cpu().float(), generator=torch.Generator())
+    pixel, betas = torch.zeros(1, 1, 1, 1), betas.detach().cpu().float()
+    sampler(objectives.denoiser(lambda x, t: torch.zeros_like(x), "eps", betas), pixel, betas, generator=torch.Generator())
 
 
 def check_model_fits_data(model: DictConfig, image: torch.Tensor) -> None:
@@ -82,7 +83,7 @@ def check_model_fits_data(model: DictConfig, image: torch.Tensor) -> None:
                           f"channel{'s' if channels > 1 else ''}: drop the override (it follows dataset.channels)")  # fmt: skip
     if model.out_channels is not None and model.out_channels != model.in_channels:
         raise ConfigError(f"model.out_channels={model.out_channels} must equal model.in_channels={model.in_channels} "
-                          "(the network predicts the noise of each channel), or null")  # fmt: skip
+                          "(the network predicts each channel), or null; model.learn_sigma=true adds the variance channels")  # fmt: skip
 
 
 def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:

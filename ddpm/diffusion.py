@@ -1,6 +1,9 @@
-"""The Gaussian diffusion process: schedule buffers, forward noising, the training loss, the posterior."""
+"""The Gaussian diffusion process: schedule buffers, forward noising, the training loss for each prediction
+target and weighting (with the hybrid loss of learned variances), the terms of the variational bound, and the
+denoiser that samplers call."""
 
 import contextlib
+import math
 from collections.abc import Callable
 
 import torch
@@ -8,10 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ddpm import objectives
 from ddpm.ema import EMA
 from ddpm.errors import ConfigError
 from ddpm.fast_paths import autocast, resolve_precision
-from ddpm.samplers import Generators, NoisePredictor, ddpm_ancestral, gaussian_like
+from ddpm.objectives import Denoiser
+from ddpm.samplers import FIXED_FRACTIONS, Generators, ddpm_ancestral, gaussian_like
 
 LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss}
 
@@ -22,10 +27,16 @@ def extract(a: torch.Tensor, t: torch.Tensor, x_shape: torch.Size) -> torch.Tens
 
 
 class GaussianDiffusion(nn.Module):
-    """DDPM around a noise-prediction network, with the seed project's Python API.
+    """DDPM around a denoising network, with the seed project's Python API.
 
     `diffusion(x, y)` is the training loss; `diffusion.sample(n, device, y)` draws images in [-1, 1]
     (with the EMA weights when an EMA is attached); `diffusion.update_ema()` advances the EMA.
+
+    The objective (see `ddpm.objectives`): the network predicts `prediction` (eps, x0 or v), its per-sample
+    loss is weighted by `weighting` (uniform, or min_snr with `snr_gamma`), and the reverse process's variance
+    is `variance`: fixed_large (beta_t), fixed_small (beta~_t) or learned_range, for which the network outputs
+    twice the image's channels and trains on L_simple + vlb_weight * L_vlb with the mean's gradient stopped in
+    L_vlb (Nichol & Dhariwal 2021, Sec. 3.1).
     """
 
     def __init__(
@@ -36,10 +47,18 @@ class GaussianDiffusion(nn.Module):
         channels: int,
         loss_type: str = "l2",
         ema: EMA | None = None,
+        prediction: str = "eps",
+        weighting: str = "uniform",
+        snr_gamma: float = 5.0,
+        variance: str = "fixed_large",
+        vlb_weight: float = 0.001,
     ):
         super().__init__()
         if loss_type not in LOSSES:
             raise ConfigError(f"trainer.loss_type={loss_type!r} is not one of {list(LOSSES)}")
+        check_objective(model, prediction, weighting, snr_gamma, variance, vlb_weight)
+        self.prediction, self.weighting, self.snr_gamma = prediction, weighting, float(snr_gamma)
+        self.variance, self.vlb_weight = variance, float(vlb_weight)
         self.model = model
         self.ema = ema
         self.image_size = image_size
@@ -64,6 +83,10 @@ class GaussianDiffusion(nn.Module):
         buffer("posterior_log_variance_clipped", torch.cat([posterior_variance[1:2], posterior_variance[1:]]).log())
         buffer("posterior_mean_coef1", betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod))
         buffer("posterior_mean_coef2", (1 - alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - alphas_cumprod))
+        # log beta_t, with beta~_1 at t = 0 as improved-diffusion has it: the decoder's log-variance at the
+        # fixed_large end is then finite and not beta_0's, which would be far too small for an 8-bit bin.
+        buffer("log_betas_clipped", torch.cat([posterior_variance[1:2], betas[1:]]).log())
+        buffer("snr", alphas_cumprod / (1 - alphas_cumprod))
 
     @property
     def num_timesteps(self) -> int:
@@ -106,7 +129,8 @@ class GaussianDiffusion(nn.Module):
         t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-sample epsilon-prediction loss at uniformly drawn timesteps (Ho et al. 2020, Eq. 14).
+        """Per-sample training loss at uniformly drawn timesteps: the weighted loss of the prediction target
+        (Ho et al. 2020, Eq. 14, for eps), plus vlb_weight * L_vlb with learned variances.
 
         `t` and `noise` are drawn from `generator` unless given (data-parallel ranks draw them for the whole
         global batch and each take their share, so the result does not depend on the number of ranks).
@@ -114,9 +138,74 @@ class GaussianDiffusion(nn.Module):
         if t is None or noise is None:
             t, noise = self.training_noise(x0.shape[0], x0.device, generator)
         noise = noise.to(x0.dtype)
-        predicted = self.model(self.q_sample(x0, t, noise), t, y)
-        per_element = LOSSES[self.loss_type](predicted, noise, reduction="none")
-        return per_element.flatten(1).mean(dim=1)
+        alpha = extract(self.sqrt_alphas_cumprod, t, x0.shape)
+        sigma = extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape)
+        x_t = alpha * x0 + sigma * noise
+        output = self.model(x_t, t, y)
+        if self.learns_variance:
+            output, variance_output = output.chunk(2, dim=1)
+        target = objectives.training_target(self.prediction, x0, noise, alpha, sigma)
+        per_sample = LOSSES[self.loss_type](output, target.to(output.dtype), reduction="none").flatten(1).mean(dim=1)
+        per_sample = per_sample * objectives.loss_weight(self.weighting, self.prediction, self.snr[t], self.snr_gamma)
+        if self.learns_variance:
+            # L_vlb = sum over t of L_t, estimated by T L_t at the drawn t; only the variance learns from it.
+            fraction = objectives.variance_fraction(variance_output)
+            bound = self.bound_term(x0, x_t, t, output.detach(), fraction)
+            per_sample = per_sample + self.vlb_weight * self.num_timesteps * bound
+        return per_sample
+
+    @property
+    def learns_variance(self) -> bool:
+        return self.variance == "learned_range"
+
+    def bound_term(
+        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor,
+        fraction: torch.Tensor | float,
+    ) -> torch.Tensor:  # fmt: skip
+        """L_t of the variational bound per sample, in bits/dim, for the network's mean `output` at x_t:
+        KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t > 0, and the discretized Gaussian decoder's
+        -log p(x0 | x_1) for t = 0 (Ho et al. 2020, Eq. 5 and Sec. 3.3)."""
+        alpha = extract(self.sqrt_alphas_cumprod, t, x0.shape)
+        sigma = extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape)
+        _, predicted_x0 = objectives.eps_and_x0(self.prediction, output.float(), x_t, alpha, sigma)
+        model_mean, _, _ = self.q_posterior(predicted_x0, x_t, t)
+        model_log_variance = objectives.interpolated_log_variance(
+            fraction, extract(self.posterior_log_variance_clipped, t, x0.shape), extract(self.log_betas_clipped, t, x0.shape)
+        )
+        true_mean, _, true_log_variance = self.q_posterior(x0, x_t, t)
+        kl = objectives.bits_per_dim(objectives.normal_kl(true_mean, true_log_variance, model_mean, model_log_variance))
+        decoder = -objectives.bits_per_dim(
+            objectives.discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_variance)
+        )
+        return torch.where(t == 0, decoder, kl)
+
+    def bound_at(
+        self, x0: torch.Tensor, t: int, y: torch.Tensor | None = None, *, generator: torch.Generator | None = None,
+        use_ema: bool = True,
+    ) -> torch.Tensor:  # fmt: skip
+        """L_t per image, in bits/dim, at timestep t with noise from `generator` (the network's own variance
+        when learned, else the diffusion's fixed one)."""
+        module = self.ema.module if (use_ema and self.ema is not None) else self.model
+        timesteps = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        x_t = self.q_sample(x0, timesteps, noise)
+        output = module(x_t, timesteps, y).float()
+        fraction = self.network_fraction()
+        if self.learns_variance:
+            output, variance_output = output.chunk(2, dim=1)
+            fraction = objectives.variance_fraction(variance_output)
+        return self.bound_term(x0, x_t, timesteps, output, fraction)
+
+    def prior_bits(self, x0: torch.Tensor) -> torch.Tensor:
+        """L_T = KL(q(x_T | x0) || N(0, I)) per sample, in bits/dim: no parameters, near 0 for a good schedule."""
+        last = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
+        mean = extract(self.sqrt_alphas_cumprod, last, x0.shape) * x0
+        log_variance = torch.log1p(-extract(self.alphas_cumprod, last, x0.shape).double()).float()
+        return objectives.bits_per_dim(objectives.normal_kl(mean, log_variance, torch.zeros_like(mean), 0.0))
+
+    def network_fraction(self) -> float | None:
+        """The variance fraction of a fixed-variance diffusion (1 = beta, 0 = beta~); None when learned."""
+        return None if self.learns_variance else FIXED_FRACTIONS[self.variance]
 
     def forward(
         self, x0: torch.Tensor, y: torch.Tensor | None = None, t: torch.Tensor | None = None,
@@ -130,17 +219,20 @@ class GaussianDiffusion(nn.Module):
         if self.ema is not None:
             self.ema.update(self.model)
 
-    def noise_predictor(
+    def denoiser(
         self, y: torch.Tensor | None = None, *, use_ema: bool = True, guidance_scale: float = 0.0,
         precision: str = "fp32",
-    ) -> NoisePredictor:
-        """The function (x_t, t) -> predicted noise that samplers call, with labels y bound.
+    ) -> Denoiser:
+        """The function (x_t, t) -> Prediction (noise, clean image, variance) that samplers call, with labels y
+        bound, for whichever target the network predicts.
 
-        With precision bf16 or fp16 the network runs under autocast; its prediction is returned in float32, so
+        With precision bf16 or fp16 the network runs under autocast; its output is returned in float32, so
         the sampler's own arithmetic stays in float32.
 
-        With guidance_scale w > 0 (classifier-free guidance, Ho & Salimans 2022) it returns
-        (1 + w) eps(x, y) - w eps(x, null), both predictions from one forward pass over a doubled batch.
+        With guidance_scale w > 0 (classifier-free guidance, Ho & Salimans 2022) the network's prediction is
+        (1 + w) out(x, y) - w out(x, null), both from one forward pass over a doubled batch: the same
+        combination of eps, x0 or v, since each is affine in the others at a given x_t; a learned variance is
+        the conditional one.
         """
         module = self.ema.module if (use_ema and self.ema is not None) else self.model
         precision = resolve_precision("precision", precision, self.betas.device)
@@ -149,8 +241,12 @@ class GaussianDiffusion(nn.Module):
             with autocast(precision, x.device):
                 return module(x, t, labels).to(x.dtype)
 
+        def wrap(function):
+            return objectives.denoiser(function, self.prediction, self.betas, learned_variance=self.learns_variance,
+                                       fixed_fraction=self.network_fraction())  # fmt: skip
+
         if not guidance_scale:
-            return lambda x, t: network(x, t, y)
+            return wrap(lambda x, t: network(x, t, y))
         null_label = getattr(self.model, "null_label", None)
         if y is None or null_label is None:
             raise ConfigError(
@@ -162,9 +258,10 @@ class GaussianDiffusion(nn.Module):
 
         def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             conditional, unconditional = network(x.repeat(2, 1, 1, 1), t.repeat(2), torch.cat([y, null])).chunk(2)
-            return (1 + guidance_scale) * conditional - guidance_scale * unconditional
+            mean = (1 + guidance_scale) * conditional[:, : self.channels] - guidance_scale * unconditional[:, : self.channels]
+            return torch.cat([mean, conditional[:, self.channels :]], dim=1)
 
-        return guided
+        return wrap(guided)
 
     def initial_noise(self, num_samples: int, device: torch.device | str, generator: Generators = None) -> torch.Tensor:
         """x_T ~ N(0, I), the starting point of every sampler (one generator per image, or one for all)."""
@@ -196,7 +293,7 @@ class GaussianDiffusion(nn.Module):
         """
         if noise is None:
             noise = self.initial_noise(num_samples, device, generator)
-        with _eval_mode(self), tqdm(desc="sampling", disable=not progress) as bar:
+        with eval_mode(self), tqdm(desc="sampling", disable=not progress) as bar:
 
             def on_step(state: dict) -> None:
                 bar.total = state["steps"]  # the sampler tells how many network calls it makes
@@ -204,8 +301,8 @@ class GaussianDiffusion(nn.Module):
                 if callback is not None:
                     callback(state)
 
-            predict_noise = self.noise_predictor(y, use_ema=use_ema, guidance_scale=guidance_scale, precision=precision)
-            x = sampler(predict_noise, noise, self.betas, generator=generator, callback=on_step)
+            denoise = self.denoiser(y, use_ema=use_ema, guidance_scale=guidance_scale, precision=precision)
+            x = sampler(denoise, noise, self.betas, generator=generator, callback=on_step)
         return x.clamp(-1, 1)
 
     @torch.no_grad()
@@ -228,8 +325,26 @@ class GaussianDiffusion(nn.Module):
         return sequence
 
 
+def check_objective(model: nn.Module, prediction, weighting, snr_gamma, variance, vlb_weight) -> None:
+    """The diffusion's objective settings, each reported with its key, its value and what is allowed."""
+    objectives.check_choice("diffusion.prediction", prediction, objectives.PREDICTIONS)
+    objectives.check_choice("diffusion.weighting", weighting, objectives.WEIGHTINGS)
+    objectives.check_choice("diffusion.variance", variance, objectives.VARIANCES)
+    for key, value in (("snr_gamma", snr_gamma), ("vlb_weight", vlb_weight)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"diffusion.{key}={value!r} must be a finite number >= 0")
+    if weighting == "min_snr" and snr_gamma <= 0:
+        raise ConfigError(f"diffusion.snr_gamma={snr_gamma!r} must be > 0 with diffusion.weighting=min_snr")
+    learns_sigma = bool(getattr(model, "learn_sigma", False))
+    if learns_sigma != (variance == "learned_range"):
+        raise ConfigError(
+            f"diffusion.variance={variance!r} with model.learn_sigma={str(learns_sigma).lower()}: learned_range "
+            "needs the network's variance channels (model.learn_sigma=true), and only learned_range uses them"
+        )
+
+
 @contextlib.contextmanager
-def _eval_mode(module: nn.Module):
+def eval_mode(module: nn.Module):
     """Sampling never uses dropout or batch statistics; training mode is restored afterwards."""
     was_training = module.training
     module.eval()

@@ -50,6 +50,7 @@ class UNet(nn.Module):
         attention_head_dim: int | None = None,
         time_embedding_order: str = "sin_cos",
         time_embedding_freq_shift: float = 1,
+        learn_sigma: bool = False,
     ):
         """`null_class` adds one more label, `num_classes`, meaning "no class": classifier-free guidance trains it
         by dropping labels (trainer.label_dropout) and samples with it for the unconditional prediction.
@@ -60,7 +61,9 @@ class UNet(nn.Module):
         "symmetric", or "tf_same" (bottom and right only, TensorFlow's; see Downsample). `up_attention_resolutions`:
         the levels of the up path that attend, when not those of the down path (None = attention_resolutions).
         `attention_head_dim`: channels per attention head (None = one head). `time_embedding_order` and
-        `time_embedding_freq_shift`: the layout of the timestep features (see sinusoidal_embedding)."""
+        `time_embedding_freq_shift`: the layout of the timestep features (see sinusoidal_embedding).
+        `learn_sigma` doubles the output channels: the second half is the reverse process's variance
+        (diffusion.variance=learned_range, Nichol & Dhariwal 2021)."""
         super().__init__()
         norm = norm or "none"
         channel_mults = list(channel_mults)
@@ -68,7 +71,8 @@ class UNet(nn.Module):
         up_attention_resolutions = (
             attention_resolutions if up_attention_resolutions is None else list(up_attention_resolutions)
         )
-        out_channels = out_channels or in_channels
+        out_channels = (out_channels or in_channels) * (2 if learn_sigma else 1)
+        self.learn_sigma = learn_sigma
         time_emb_dim = time_emb_dim or 4 * base_channels
         _check_arguments(
             in_channels, image_size, base_channels, channel_mults, num_res_blocks, time_emb_dim,

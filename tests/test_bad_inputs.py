@@ -38,7 +38,7 @@ CASES = [
     case(RUN, ["model=resnet"], "model/resnet", id="unknown-model"),
     case(RUN, ["dataset=imagenet"], "dataset/imagenet", id="unknown-dataset"),
     case(RUN, ["optimizer=sgd"], "optimizer/sgd", id="unknown-optimizer"),
-    case(RUN, ["sampler=heun"], "sampler/heun", id="unknown-sampler"),
+    case(RUN, ["sampler=unipc"], "sampler/unipc", id="unknown-sampler"),
     case(RUN, ["task=benchmarks"], "task/benchmarks", id="unknown-task"),
     case(RUN, ["logger=tensorboard"], "logger/tensorboard", id="unknown-logger"),
     case(RUN, ["experiment=cifar100"], "experiment/cifar100", id="unknown-experiment"),

@@ -13,6 +13,7 @@ from ddpm.build import build_diffusion, build_sampler
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.evaluation.settings import FidSettings
 from ddpm.loggers import LocalLogger
+from ddpm.objectives import denoiser
 from ddpm.train_settings import TrainSettings
 from ddpm.unet import UNet
 
@@ -51,7 +52,8 @@ def instantiate_option(group, cfg, tmp_path):
     elif group == "sampler":
         sampler, guidance_scale = build_sampler(node)
         assert guidance_scale == 0.0
-        x = sampler(lambda x, t: torch.zeros_like(x), torch.zeros(1, 1, 2, 2), torch.full((100,), 0.01))
+        betas = torch.full((100,), 0.01)
+        x = sampler(denoiser(lambda x, t: torch.zeros_like(x), "eps", betas), torch.zeros(1, 1, 2, 2), betas)
         assert x.shape == (1, 1, 2, 2)
     elif group == "logger":
         logger = instantiate(node)(run_dir=tmp_path, config={"a": 1})
@@ -152,3 +154,11 @@ def test_every_component_yaml_has_a_target():
                 assert base in group_options(group), f"{group}/{option}.yaml builds on {base!r}, not an option"
                 node = OmegaConf.load(CONF_DIR / group / f"{base}.yaml")
             assert "_target_" in node, f"{group}/{option}.yaml has no _target_"
+
+
+def test_improved_ddpm_cifar10_is_the_papers_recipe():
+    cfg = compose_config("experiment=improved_ddpm_cifar10")
+    assert cfg.schedule._target_.endswith("cosine_betas") and cfg.schedule.num_timesteps == 4000
+    assert cfg.model.learn_sigma and cfg.diffusion.variance == "learned_range" and cfg.diffusion.vlb_weight == 0.001
+    assert (cfg.model.num_res_blocks, cfg.model.dropout, cfg.optimizer.lr, cfg.trainer.batch_size) == (3, 0.3, 1e-4, 128)
+    assert cfg.sampler._target_.endswith("ddpm_ancestral") and cfg.sampler.steps == 100

@@ -9,6 +9,7 @@ from torch import nn
 from ddpm.diffusion import GaussianDiffusion, extract
 from ddpm.ema import EMA
 from ddpm.errors import ConfigError
+from ddpm.objectives import denoiser
 from ddpm.samplers import ddpm_ancestral
 from ddpm.schedules import linear_betas
 
@@ -99,7 +100,7 @@ def test_ancestral_sampler_follows_algorithm_2_step_by_step():
     betas = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
     predict = lambda x, t: 0.3 * x + 0.1 * t.float().reshape(-1, 1, 1, 1)  # noqa: E731
     x_T = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(0))
-    out = ddpm_ancestral(predict, x_T, betas, generator=torch.Generator().manual_seed(1))
+    out = ddpm_ancestral(denoiser(predict, "eps", betas), x_T, betas, generator=torch.Generator().manual_seed(1))
 
     alphas = 1 - betas
     ab = torch.cumprod(alphas, 0)

@@ -10,12 +10,13 @@ import torch
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.evaluation.samples import save_npz
 from ddpm.generation import as_arrays, balanced_labels, draw_images, image_seed
-from ddpm.samplers import ddim, ddpm_ancestral, dpm_solver
+from ddpm.samplers import ddim, ddpm_ancestral, dpm_solver, heun
 from ddpm.schedules import linear_betas
 from ddpm.unet import UNet
 
 CPU = torch.device("cpu")
-SAMPLERS = {"ddpm": ddpm_ancestral, "ddim-eta1": partial(ddim, steps=5, eta=1.0), "dpm_solver": partial(dpm_solver, steps=4)}
+SAMPLERS = {"ddpm": ddpm_ancestral, "ddim-eta1": partial(ddim, steps=5, eta=1.0), "dpm_solver": partial(dpm_solver, steps=4),
+            "dpm_solver_sde": partial(dpm_solver, steps=4, eta=1.0), "heun": partial(heun, steps=3)}
 
 
 @pytest.fixture(scope="module")

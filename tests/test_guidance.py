@@ -33,13 +33,29 @@ def test_the_guided_prediction_mixes_conditional_and_unconditional():
     x, t, y = torch.randn(3, 1, 16, 16), torch.tensor([5, 20, 40]), torch.tensor([1, 4, 7])
     w = 2.5
     with torch.no_grad():
-        guided = diffusion.noise_predictor(y, use_ema=False, guidance_scale=w)(x, t)
+        guided = diffusion.denoiser(y, use_ema=False, guidance_scale=w)(x, t).eps
         conditional = diffusion.model(x, t, y)
         unconditional = diffusion.model(x, t, torch.full_like(y, 10))
     torch.testing.assert_close(guided, (1 + w) * conditional - w * unconditional, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(conditional, unconditional)
-    unguided = diffusion.noise_predictor(y, use_ema=False, guidance_scale=0.0)(x, t)
+    unguided = diffusion.denoiser(y, use_ema=False, guidance_scale=0.0)(x, t).eps
     torch.testing.assert_close(unguided, conditional)
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+def test_guidance_of_any_target_is_the_same_mix_of_the_implied_noise(prediction):
+    """(1 + w) out_c - w out_u of x0 or v outputs implies (1 + w) eps_c - w eps_u: the conversions are affine."""
+    diffusion = tiny(null_class=True).eval()
+    diffusion.prediction = prediction
+    for parameter in diffusion.model.parameters():
+        torch.nn.init.normal_(parameter, std=0.05)
+    x, t, y, w = torch.randn(3, 1, 16, 16), torch.tensor([5, 20, 40]), torch.tensor([1, 4, 7]), 1.5
+    with torch.no_grad():
+        guided = diffusion.denoiser(y, use_ema=False, guidance_scale=w)(x, t)
+        conditional = diffusion.denoiser(y, use_ema=False)(x, t)
+        unconditional = diffusion.denoiser(torch.full_like(y, 10), use_ema=False)(x, t)
+    torch.testing.assert_close(guided.eps, (1 + w) * conditional.eps - w * unconditional.eps, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(guided.x0, (1 + w) * conditional.x0 - w * unconditional.x0, rtol=1e-4, atol=1e-4)
 
 
 def test_guidance_is_refused_without_a_null_label():

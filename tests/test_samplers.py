@@ -12,7 +12,8 @@ from conftest import compose_config
 from ddpm.build import build_sampler
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import ConfigError
-from ddpm.samplers import ddim, ddpm_ancestral, dpm_solver
+from ddpm.objectives import denoiser
+from ddpm.samplers import ddim, ddpm_ancestral, dpm_solver, heun
 
 SHAPE = (2, 1, 3, 3)
 
@@ -44,10 +45,15 @@ def x_T(seed=0):
     return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
 
 
-def record(sampler, *args, **kwargs):
-    """The sampler's output and its callback states."""
+def eps_denoiser(predict, betas):
+    """The Denoiser of a noise predictor (x, t) -> eps."""
+    return denoiser(predict, "eps", betas)
+
+
+def record(sampler, predict, x, betas, **kwargs):
+    """The sampler's output and its callback states, for a noise predictor."""
     states = []
-    out = sampler(*args, callback=states.append, **kwargs)
+    out = sampler(eps_denoiser(predict, betas), x, betas, callback=states.append, **kwargs)
     return out, states
 
 
@@ -60,7 +66,7 @@ def at(predict, x, t):
 
 def test_ancestral_posterior_step_is_the_posterior_mean_plus_its_std():
     betas, predict, x = schedule(), linear_map_predictor(), x_T()
-    _, states = record(ddpm_ancestral, predict, x, betas, variance="posterior",
+    _, states = record(ddpm_ancestral, predict, x, betas, variance="fixed_small",
                        generator=torch.Generator().manual_seed(4))  # fmt: skip
     ab = alpha_bar(betas)
     t = 19
@@ -139,6 +145,72 @@ def test_dpm_solver_2m_step_and_final_denoising_step():
     assert len(states) == 4 and states[-1]["x"] is out
 
 
+def test_dpm_solver_sde_step_and_eta_0_is_the_ode_solver():
+    betas, predict, x = schedule(20), linear_map_predictor(), x_T()
+    ode, ode_states = record(dpm_solver, predict, x, betas, steps=4, clip_denoised=False)
+    same, _ = record(dpm_solver, predict, x, betas, steps=4, eta=0.0, clip_denoised=False,
+                     generator=torch.Generator().manual_seed(5))  # fmt: skip
+    torch.testing.assert_close(same, ode, rtol=0, atol=0)
+    eta = 1.0
+    _, states = record(dpm_solver, predict, x, betas, steps=4, eta=eta, clip_denoised=False,
+                       generator=torch.Generator().manual_seed(5))  # fmt: skip
+    ab = alpha_bar(betas)
+    alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
+    lam = torch.log(alpha / sigma)
+    t, s = 19, 13  # the first step: first order, D = x0
+    h = lam[s] - lam[t]
+    x0 = (x - sigma[t] * at(predict, x, t)) / alpha[t]
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    expected = (sigma[s] / sigma[t] * torch.exp(-eta * h) * x + alpha[s] * (1 - torch.exp(-(1 + eta) * h)) * x0
+                + sigma[s] * (1 - torch.exp(-2 * eta * h)).sqrt() * z)  # fmt: skip
+    torch.testing.assert_close(states[0]["x"], expected.float(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(states[0]["x"], ode_states[0]["x"])
+
+
+def test_heun_step_is_euler_corrected_by_the_slope_at_its_end():
+    """Karras et al. 2022, Algorithm 1 (S_churn = 0) in x~ = x / alpha, s = sigma / alpha."""
+    betas, predict, x = schedule(20), linear_map_predictor(), x_T()
+    out, states = record(heun, predict, x, betas, steps=3)
+    assert [st["t"] for st in states] == [19, 10, 10, 0, 0] and all(st["steps"] == 5 for st in states)
+    ab = alpha_bar(betas)
+    alpha, s = ab.sqrt(), ((1 - ab) / ab).sqrt()
+    t, u = 19, 10
+    x_tilde = x.double() / alpha[t]
+    d = at(predict, x, t).double()
+    euler = x_tilde + (s[u] - s[t]) * d
+    d_end = at(predict, (alpha[u] * euler).float(), u).double()
+    corrected = x_tilde + (s[u] - s[t]) * (d + d_end) / 2
+    torch.testing.assert_close(states[0]["x"], (alpha[u] * euler).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(states[1]["x"], (alpha[u] * corrected).float(), rtol=1e-5, atol=1e-5)
+    last = states[3]["x"]  # the state at t = 0; the step to s = 0 is the predicted x0
+    torch.testing.assert_close(out, ((last - (1 - ab[0]).sqrt() * at(predict, last, 0)) / alpha[0]).float(),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_heun_converges_at_second_order_on_gaussian_data():
+    """Data N(m, c^2) per pixel: the probability-flow ODE's exact solution is x~(s) = m + (x~_T - m) * r(s) with
+    r(s) = sqrt((c^2 + s^2) / (c^2 + s_T^2)); halving the step roughly quarters Heun's error (and Euler's
+    halves). Compared at t = 0, before the last step's x0."""
+    m, c, T = 0.2, 0.5, 1000
+    betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    ab = alpha_bar(betas)
+    alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
+    s = sigma / alpha
+
+    def predict(x, t):  # E[eps | x_t] for x0 ~ N(m, c^2)
+        a, g = alpha[t].reshape(-1, 1, 1, 1), sigma[t].reshape(-1, 1, 1, 1)
+        return (g * (x.double() - a * m) / (a**2 * c**2 + g**2)).to(x.dtype)
+
+    x = torch.randn(64, 1, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exact = alpha[0] * (m + (x / alpha[T - 1] - m) * ((c**2 + s[0] ** 2) / (c**2 + s[T - 1] ** 2)).sqrt())
+    errors = []
+    for steps in (6, 11, 21, 41):  # 5, 10, 20, 40 intervals, evenly spaced over 999 timesteps
+        _, states = record(heun, predict, x, betas, steps=steps)
+        errors.append((states[-2]["x"] - exact).abs().max().item())
+    ratios = [errors[i] / errors[i + 1] for i in range(len(errors) - 1)]
+    assert all(3.0 < ratio < 5.5 for ratio in ratios[1:]), (errors, ratios)
+
+
 def test_timestep_spacings():
     def timesteps(spacing, steps, num_timesteps=100):
         _, states = record(ddim, lambda x, t: torch.zeros_like(x), x_T(), schedule(num_timesteps),
@@ -159,7 +231,7 @@ def test_timestep_spacings():
 def test_ddim_with_eta_1_over_all_timesteps_is_ancestral_sampling_with_the_posterior_variance():
     betas = torch.linspace(1e-4, 0.05, 100, dtype=torch.float64)
     predict, x = linear_map_predictor(), x_T()
-    ancestral, ancestral_states = record(ddpm_ancestral, predict, x, betas.float(), variance="posterior",
+    ancestral, ancestral_states = record(ddpm_ancestral, predict, x, betas.float(), variance="fixed_small",
                                          generator=torch.Generator().manual_seed(11))  # fmt: skip
     implicit, implicit_states = record(ddim, predict, x, betas.float(), steps=100, eta=1.0, clip_denoised=False,
                                        generator=torch.Generator().manual_seed(11))  # fmt: skip
@@ -167,7 +239,7 @@ def test_ddim_with_eta_1_over_all_timesteps_is_ancestral_sampling_with_the_poste
     for a, b in zip(ancestral_states, implicit_states):
         torch.testing.assert_close(b["x"], a["x"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(implicit, ancestral, rtol=1e-5, atol=1e-5)
-    beta_variance = ddpm_ancestral(predict, x, betas.float(), generator=torch.Generator().manual_seed(11))
+    beta_variance = ddpm_ancestral(eps_denoiser(predict, betas), x, betas.float(), generator=torch.Generator().manual_seed(11))
     assert not torch.allclose(beta_variance, ancestral, atol=1e-3)  # the two variances do differ
 
 
@@ -175,12 +247,15 @@ def test_ddim_with_eta_1_over_all_timesteps_is_ancestral_sampling_with_the_poste
 
 SAMPLERS = {
     "ddpm": ddpm_ancestral,
-    "ddpm_posterior": functools.partial(ddpm_ancestral, variance="posterior"),
+    "ddpm_posterior": functools.partial(ddpm_ancestral, variance="fixed_small"),
+    "ddpm_respaced": functools.partial(ddpm_ancestral, steps=10),
     "ddim": functools.partial(ddim, steps=10),
     "ddim_eta": functools.partial(ddim, steps=10, eta=1.0, spacing="quadratic"),
     "dpm_solver": functools.partial(dpm_solver, steps=10),
+    "dpm_solver_sde": functools.partial(dpm_solver, steps=10, eta=1.0),
+    "heun": functools.partial(heun, steps=10),
 }
-STOCHASTIC = {"ddpm", "ddpm_posterior", "ddim_eta"}
+STOCHASTIC = {"ddpm", "ddpm_posterior", "ddpm_respaced", "ddim_eta", "dpm_solver_sde"}
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
@@ -188,7 +263,7 @@ def test_samplers_are_deterministic_given_a_generator(name):
     sampler, predict, betas = SAMPLERS[name], linear_map_predictor(), schedule(30)
 
     def run(seed):
-        return sampler(predict, x_T(), betas, generator=torch.Generator().manual_seed(seed))
+        return sampler(eps_denoiser(predict, betas), x_T(), betas, generator=torch.Generator().manual_seed(seed))
 
     torch.testing.assert_close(run(1), run(1), rtol=0, atol=0)
     assert torch.equal(run(1), run(2)) != (name in STOCHASTIC)
@@ -206,11 +281,12 @@ def point_mass_predictor(betas, c=0.3):
                          ids=["tiny", "huge"])  # fmt: skip
 def test_extreme_schedules_stay_finite(name, betas):
     sampler = SAMPLERS[name]
-    out = sampler(point_mass_predictor(betas), x_T(), betas.float(), generator=torch.Generator().manual_seed(0))
+    out = sampler(eps_denoiser(point_mass_predictor(betas), betas), x_T(), betas.float(),
+                  generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert torch.isfinite(out).all()
-    if name in ("ddim", "dpm_solver"):
+    if name in ("ddim", "dpm_solver", "ddpm_respaced"):  # heun: see its sigma_max
         torch.testing.assert_close(out, torch.full(SHAPE, 0.3), rtol=0, atol=1e-3)  # the exact predictor's data
-        zero = sampler(lambda x, t: torch.zeros_like(x), x_T(), betas.float())
+        zero = sampler(eps_denoiser(lambda x, t: torch.zeros_like(x), betas), x_T(), betas.float())
         assert torch.isfinite(zero).all()
 
 
@@ -224,7 +300,14 @@ def never_called(x, t):
 @pytest.mark.parametrize(
     "sampler, settings, message",
     [
-        (ddpm_ancestral, {"variance": "learned"}, r"sampler\.variance='learned'"),
+        (ddpm_ancestral, {"variance": "learned"}, r"sampler\.variance='learned' is not one of \[None, 'fixed_large', 'fixed_small'\]"),
+        (ddpm_ancestral, {"variance": "posterior"}, r"sampler\.variance='posterior'"),
+        (ddpm_ancestral, {"steps": 0}, r"sampler\.steps=0 must be an integer in 1\.\.20"),
+        (heun, {"steps": 21}, r"sampler\.steps=21"),
+        (heun, {"spacing": "linear"}, r"sampler\.spacing='linear'"),
+        (heun, {"sigma_max": 0.0}, r"sampler\.sigma_max=0\.0 must be a number > 0"),
+        (heun, {"sigma_max": 0.5, "steps": 10}, r"sampler\.steps=10: only \d+ timesteps have s <= sampler\.sigma_max=0\.5"),
+        (dpm_solver, {"eta": -1.0}, r"sampler\.eta=-1\.0"),
         (ddim, {"steps": 0}, r"sampler\.steps=0 must be an integer in 1\.\.20"),
         (ddim, {"steps": 21}, r"sampler\.steps=21"),
         (ddim, {"steps": 2.5}, r"sampler\.steps=2\.5"),
@@ -242,18 +325,23 @@ def test_bad_settings_name_the_key(sampler, settings, message):
 
 
 @pytest.mark.parametrize("overrides, target, settings", [
-    (["sampler=ddpm", "sampler.variance=posterior"], ddpm_ancestral, {"variance": "posterior"}),
+    (["sampler=ddpm", "sampler.variance=fixed_small"], ddpm_ancestral, {"steps": None, "variance": "fixed_small"}),
+    (["sampler=ddpm", "sampler.steps=25"], ddpm_ancestral, {"steps": 25, "variance": None}),
+    (["sampler=heun", "sampler.steps=7"], heun, {"steps": 7, "spacing": "uniform", "sigma_max": None}),
+    (["sampler=dpm_solver_sde", "sampler.steps=12"], dpm_solver, {"steps": 12, "eta": 1.0, "clip_denoised": True}),
     (["sampler=ddim", "sampler.steps=50", "sampler.eta=0.5", "sampler.spacing=quadratic"], ddim,
      {"steps": 50, "eta": 0.5, "spacing": "quadratic", "clip_denoised": True}),
-    (["sampler=dpm_solver", "sampler.steps=15"], dpm_solver, {"steps": 15, "clip_denoised": True}),
+    (["sampler=dpm_solver", "sampler.steps=15"], dpm_solver, {"steps": 15, "eta": 0.0, "clip_denoised": True}),
 ])  # fmt: skip
 def test_command_line_settings_reach_the_sampler(overrides, target, settings):
     sampler, guidance_scale = build_sampler(compose_config(*overrides).sampler)
     assert sampler.func is target and sampler.keywords == settings and guidance_scale == 0.0
     states = []
-    out = sampler(linear_map_predictor(), x_T(), schedule(100).float(), generator=torch.Generator().manual_seed(0),
+    betas = schedule(100).float()
+    out = sampler(eps_denoiser(linear_map_predictor(), betas), x_T(), betas, generator=torch.Generator().manual_seed(0),
                   callback=states.append)  # fmt: skip
-    assert out.shape == SHAPE and len(states) == settings.get("steps", 100)
+    steps = settings.get("steps") or 100
+    assert out.shape == SHAPE and len(states) == (2 * steps - 1 if target is heun else steps)
 
 
 class Affine(nn.Module):
@@ -272,11 +360,14 @@ def test_diffusion_sample_accepts_the_fast_samplers(sampler):
 
 
 @pytest.mark.parametrize(
-    "sampler, calls", [(ddpm_ancestral, 20), (functools.partial(ddim, steps=7), 7), (functools.partial(dpm_solver, steps=5), 5)]
+    "sampler, calls", [(ddpm_ancestral, 20), (functools.partial(ddpm_ancestral, steps=6), 6), (functools.partial(ddim, steps=7), 7),
+                       (functools.partial(dpm_solver, steps=5), 5), (functools.partial(dpm_solver, steps=5, eta=1.0), 5),
+                       (functools.partial(heun, steps=5), 9)]
 )
 def test_every_sampler_tells_its_callback_how_many_network_calls_it_makes(sampler, calls):
     """What diffusion.sample's progress bar is sized by: the sampler's own count, not a guess from its settings."""
     seen = []
-    sampler(lambda x, t: torch.zeros_like(x), torch.zeros(1, 1, 2, 2), torch.full((20,), 0.01),
+    betas = torch.full((20,), 0.01)
+    sampler(eps_denoiser(lambda x, t: torch.zeros_like(x), betas), torch.zeros(1, 1, 2, 2), betas,
             callback=lambda state: seen.append(state["steps"]))  # fmt: skip
     assert seen == [calls] * calls

@@ -33,13 +33,14 @@ def sweep_points(names: list[str], steps: list[int], num_timesteps: int) -> list
 def sweep_sampler(name: str, steps: int | None):
     """The sampler function of a sweep point, imported only now: a sampler not in ddpm.samplers yet is a
     clear error, not an ImportError at the start."""
-    node = {"_target_": SWEEP_SAMPLERS[name], "_partial_": True}
+    node = {**SWEEP_SAMPLERS[name], "_partial_": True}
     if steps is not None:
         node["steps"] = steps
     try:
         return instantiate(node)
     except Exception as error:
-        raise ConfigError(f"eval.nfe_samplers contains {name}, but {SWEEP_SAMPLERS[name]} cannot be built: {error}") from error
+        target = SWEEP_SAMPLERS[name]["_target_"]
+        raise ConfigError(f"eval.nfe_samplers contains {name}, but {target} cannot be built: {error}") from error
 
 
 class CountingSampler:
@@ -49,12 +50,12 @@ class CountingSampler:
         self.sampler = sampler
         self.calls = 0
 
-    def count(self, predict_noise, x_t, t):
+    def count(self, denoise, x_t, t):
         self.calls += 1
-        return predict_noise(x_t, t)
+        return denoise(x_t, t)
 
-    def __call__(self, predict_noise, x, betas, **kwargs):
-        return self.sampler(lambda x_t, t: self.count(predict_noise, x_t, t), x, betas, **kwargs)
+    def __call__(self, denoise, x, betas, **kwargs):
+        return self.sampler(lambda x_t, t: self.count(denoise, x_t, t), x, betas, **kwargs)
 
 
 def _cell(value: Any) -> str:

@@ -27,7 +27,7 @@ def reference_protocol(reference: dict[str, Any]) -> dict[str, Any]:
 def sampler_protocol(sampler: dict[str, Any], num_timesteps: int) -> dict[str, Any]:
     """The sampler's name, its number of steps (ddpm's is the schedule's) and its other settings."""
     settings = {key: value for key, value in sampler.items() if key not in ("_target_", "_partial_")}
-    return {"name": str(sampler["_target_"]).rsplit(".", 1)[-1], "steps": settings.pop("steps", num_timesteps),
+    return {"name": str(sampler["_target_"]).rsplit(".", 1)[-1], "steps": settings.pop("steps", None) or num_timesteps,
             "guidance_scale": float(settings.pop("guidance_scale", 0.0)), "settings": settings}  # fmt: skip
 
 

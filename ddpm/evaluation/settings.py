@@ -10,12 +10,16 @@ from hydra.utils import instantiate
 from ddpm.errors import ConfigError
 from ddpm.validation import Validated, at_least, one_of, seed_value
 
-# Sampler names of eval.nfe_samplers -> their functions; ddpm has no step count (it takes every timestep).
+# Sampler names of eval.nfe_samplers -> their config nodes; ddpm runs once, at every timestep.
 SWEEP_SAMPLERS = {
-    "ddim": "ddpm.samplers.ddim",
-    "dpm_solver": "ddpm.samplers.dpm_solver",
-    "ddpm": "ddpm.samplers.ddpm_ancestral",
+    "ddim": {"_target_": "ddpm.samplers.ddim"},
+    "ddim_stochastic": {"_target_": "ddpm.samplers.ddim", "eta": 1.0},
+    "dpm_solver": {"_target_": "ddpm.samplers.dpm_solver"},
+    "dpm_solver_sde": {"_target_": "ddpm.samplers.dpm_solver", "eta": 1.0},
+    "heun": {"_target_": "ddpm.samplers.heun"},
+    "ddpm": {"_target_": "ddpm.samplers.ddpm_ancestral"},
 }
+DEFAULT_SWEEP_SAMPLERS = ["ddim", "dpm_solver", "ddpm"]
 
 
 @dataclasses.dataclass
@@ -59,11 +63,24 @@ class EvalSettings(Validated):
     shard_dir: str | None = None
     merge: str | None = None  # DIR holding every shard_I_of_N.npz
     nfe_sweep: list[int] | None = None
-    nfe_samplers: list[str] = dataclasses.field(default_factory=lambda: list(SWEEP_SAMPLERS))
+    nfe_samplers: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_SWEEP_SAMPLERS))
     precision: str = "fp32"
     compile: bool | None = None
+    fid: bool = True  # false: no samples and no image metrics (with eval.nll=true: the likelihood alone)
+    nll: bool = False  # the variational bound in bits/dim on the test split
+    nll_timesteps: int | None = at_least(1, None, note="KL terms evaluated; null = all T - 1, the exact bound")
+    nll_num_images: int | None = at_least(1, None, note="test images; null = the whole split")
 
     def check(self) -> None:
+        if not self.fid and not self.nll:
+            raise ConfigError("eval.fid=false and eval.nll=false leave nothing to compute: set eval.nll=true for "
+                              "the likelihood alone")  # fmt: skip
+        if self.nll and (self.samples or self.merge):
+            source = f"eval.samples={self.samples}" if self.samples else f"eval.merge={self.merge}"
+            raise ConfigError(f"eval.nll=true with {source}: the likelihood is of a checkpoint's model (checkpoint=PATH), "
+                              "not of samples")  # fmt: skip
+        if self.nll and (self.num_shards > 1 or self.nfe_sweep is not None):
+            raise ConfigError("eval.nll=true runs in one job: it does not go with eval.num_shards > 1 or eval.nfe_sweep")
         seeds = self.seeds
         if seeds is not None:
             if not seeds or len(set(seeds)) != len(seeds) or not all(0 <= seed < 2**32 for seed in seeds):

@@ -113,7 +113,7 @@ def run(cfg: DictConfig) -> dict:
     for precision in precisions:
         update = UpdateStep(diffusion, optimizer, diffusion.update_ema, fast=dataclasses.replace(fast, precision=precision),
                             device=device, max_grad_norm=settings.max_grad_norm)  # fmt: skip
-        predict = diffusion.noise_predictor(sample_labels, precision=precision)
+        denoise = diffusion.denoiser(sample_labels, precision=precision)
 
         def train_step() -> None:
             """What the trainer does per step, from a batch already on the device to the EMA update."""
@@ -123,7 +123,7 @@ def run(cfg: DictConfig) -> dict:
         @torch.no_grad()
         def sample_step() -> None:
             """One network evaluation of a sampler (the EMA weights, as sampling uses them)."""
-            predict(x_sample, t_sample)
+            denoise(x_sample, t_sample)
 
         model.train()
         train_seconds, train_steps = time_calls(train_step, **timing, **warm)

@@ -231,7 +231,7 @@ def schedule_from(scheduler: dict[str, Any], path: Path) -> dict[str, Any]:
         return ConfigError(f"{path}: {key}={s[key]!r} cannot be imported: {allowed}")
 
     if s["prediction_type"] != "epsilon":
-        raise refuse("prediction_type", "the networks here predict the noise ('epsilon')")
+        raise refuse("prediction_type", "only 'epsilon' is imported (diffusion.prediction=eps)")
     if s["trained_betas"] is not None:
         raise refuse("trained_betas", "only the 'linear' and 'squaredcos_cap_v2' beta schedules are supported")
     if s["rescale_betas_zero_snr"] is not False:
