@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["job", "status", "overrides", "steps", "train_loss", "test_loss", "wall_time_s", "slurm_job_id",
            "sample_grid"]  # fmt: skip
-OPTIONAL_COLUMNS = ["fid"]  # listed only when some job reports it
+OPTIONAL_COLUMNS = ["fid", "nll_bits_per_dim"]  # listed only when some job reports it
 TRAIN_TASK = "ddpm.tasks.train.run"  # conf/task/train.yaml
 
 
@@ -76,7 +76,8 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
         "wall_time_s": summary.get("wall_time_s"),
         "slurm_job_id": summary.get("slurm_job_id"),
         "sample_grid": relative_to_sweep(summary.get("sample_grid"), sweep_dir),
-        "fid": summary.get("fid"),
+        "fid": summary.get("fid", summary.get("best_fid")),  # a training run reports its best FID
+        "nll_bits_per_dim": summary.get("nll_bits_per_dim"),
     }
 
 

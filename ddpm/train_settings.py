@@ -47,6 +47,8 @@ class TrainSettings(Validated):
     eval_samples: int = at_least(1, 5000)  # images per cheap FID
     eval_steps: int = at_least(1, 50)  # DDIM steps per image of a cheap FID
     eval_batch_size: int = at_least(1, 250)  # images per sampling batch of a cheap FID
+    nll_at_end: bool = False  # the variational bound in bits/dim on the test split after the last step
+    nll_timesteps: int | None = at_least(1, None, note="KL terms of the end-of-run bound; null = all, the exact bound")
     early_stop_metric: str = one_of(("train_loss", "fid"), "train_loss")
     early_stop_patience: int = at_least(1, 5)  # with early_stop_metric=fid: evaluations without a new best FID
     resume: str = "auto"  # auto (continue from <run dir>/checkpoints when there is one) | never | PATH

@@ -6,6 +6,7 @@ of a checkpoint's samples against a split of its training data, with the protoco
     python main.py -m task=evaluate checkpoint=PATH eval.num_shards=4 eval.shard=0,1,2,3
     python main.py task=evaluate eval.merge=SWEEP_DIR                      # ... then merge the shards
     python main.py task=evaluate checkpoint=PATH eval.nfe_sweep=[10,20,50,100,1000]
+    python main.py task=evaluate checkpoint=PATH eval.nll=true eval.fid=false  # bits/dim on the test split
 
 Image i is drawn from its own seed (eval.seed, i) and gets class i mod C when the checkpoint is class-conditional
 (ddpm.generation). A shard is a contiguous range of whole batches of eval.batch_size, so the shards of a sharded
@@ -21,13 +22,15 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import to_absolute_path
+from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.build import build_sampler, load_diffusion
+from ddpm.data.loader import evaluation_batches
 from ddpm.devices import resolve_device
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import ConfigError
+from ddpm.evaluation.likelihood import test_set_nll
 from ddpm.evaluation.nfe_sweep import CountingSampler, sweep_points, sweep_sampler, write_sweep_table
 from ddpm.evaluation.protocol import (
     drawing_record,
@@ -148,6 +151,13 @@ def run(cfg: DictConfig) -> dict:
     else:
         diffusion, state = load_diffusion(to_absolute_path(cfg.checkpoint), device, trust=cfg.trust_checkpoint)
         dataset = training_dataset(cfg, state["config"].get("dataset", {}), f"checkpoint={cfg.checkpoint}")
+        nll = likelihood(diffusion, state, dataset, settings, device) if settings.nll else None
+        if not settings.fid:
+            result = {"nll": nll, "protocol": {"checkpoint": str(cfg.checkpoint), "step": state.get("step"),
+                                               "dataset": OmegaConf.to_container(dataset, resolve=True)}}  # fmt: skip
+            write_json(run_dir / "metrics.json", result)
+            log.info("-> %s", run_dir / "metrics.json")
+            return result
         precision = prepare_for_sampling(diffusion, device=device, precision=settings.precision,
                                          compile=settings.compile, key="eval")  # fmt: skip
         sampler, guidance_scale = build_sampler(cfg.sampler, diffusion.betas)
@@ -187,6 +197,8 @@ def run(cfg: DictConfig) -> dict:
         record = records[settings.seeds_to_draw[0]]
 
     result = across_seeds(per_seed)
+    if images is None and settings.nll:
+        result["nll"] = nll
     generated = generation_protocol(result["num_samples"], record, list(per_seed) if images is None else None, source)
     result["protocol"] = evaluation_protocol(extractor, reference, generated)
     write_json(run_dir / "metrics.json", result)
@@ -194,6 +206,22 @@ def run(cfg: DictConfig) -> dict:
         log.info(line)
     log.info("-> %s", run_dir / "metrics.json")
     return result
+
+
+def likelihood(diffusion: GaussianDiffusion, state: dict, dataset: DictConfig, settings: EvalSettings,
+               device: torch.device) -> dict:  # fmt: skip
+    """The variational bound in bits/dim on the test split of the checkpoint's data, logged per term."""
+    test_set = instantiate(dataset, split="test")
+    if test_set is None:
+        raise ConfigError(f"eval.nll=true needs a test split, and dataset {dataset.get('_target_')} has none")
+    use_labels = bool(OmegaConf.select(OmegaConf.create(state["config"]), "trainer.use_labels", default=False))
+    batches = evaluation_batches(test_set, settings.batch_size, num_workers=0)
+    nll = test_set_nll(diffusion, batches, device=device, use_labels=use_labels, timesteps=settings.nll_timesteps,
+                       num_images=settings.nll_num_images, use_ema=settings.use_ema, seed=settings.seed)  # fmt: skip
+    log.info("NLL %.4f bits/dim on %d test images (L_T %.4f + KL %.4f + L_0 %.4f)%s", nll["bits_per_dim"],
+             nll["num_images"], nll["prior_bits_per_dim"], nll["kl_bits_per_dim"], nll["decoder_bits_per_dim"],
+             "" if nll["exact"] else f"; {nll['note']}")  # fmt: skip
+    return nll
 
 
 def run_sweep(cfg: DictConfig, settings: EvalSettings, fid: FidSettings, diffusion: GaussianDiffusion, extractor,

@@ -18,6 +18,7 @@ from ddpm.devices import configure_backends, resolve_device
 from ddpm.distributed import Ranks, init_distributed, local_batch_size, rank_device, shutdown
 from ddpm.errors import ConfigError
 from ddpm.evaluation.during_training import FidDuringTraining
+from ddpm.evaluation.likelihood import test_set_nll
 from ddpm.fast_paths import FastPaths, prepare_diffusion
 from ddpm.preflight import check_storage, estimated_checkpoint_bytes
 from ddpm.resume import check_resumable, find_resume_checkpoint
@@ -123,8 +124,21 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
         if logger is not None:
             logger.finish()
     if ranks.is_main:
+        if settings.nll_at_end:
+            summary["nll_bits_per_dim"] = final_likelihood(diffusion, test_loader, settings, device)
         write_summary(summary, run_dir)
     return summary
+
+
+def final_likelihood(diffusion, test_loader, settings: TrainSettings, device: torch.device) -> float | None:
+    """trainer.nll_at_end: the bound of the final (EMA) weights on the test split, in bits/dim."""
+    if test_loader is None:
+        log.warning("trainer.nll_at_end=true, but the dataset has no test split: no likelihood")
+        return None
+    nll = test_set_nll(diffusion, test_loader, device=device, use_labels=settings.use_labels,
+                       timesteps=settings.nll_timesteps)  # fmt: skip
+    log.info("NLL %.4f bits/dim on the %d test images (%s)", nll["bits_per_dim"], nll["num_images"], nll["note"])
+    return nll["bits_per_dim"]
 
 
 def training_batches(train_set, batch_size: int, settings: TrainSettings, fast: FastPaths, device: torch.device,

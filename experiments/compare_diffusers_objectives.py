@@ -1,0 +1,109 @@
+"""This project's samplers against diffusers' schedulers on the same function, for the objectives of
+`ddpm.objectives`: v-prediction DDIM and ancestral steps with learned-range variances (respaced).
+
+    pip install -e ".[bench]"          # diffusers
+    python experiments/compare_diffusers_objectives.py [--steps 50] [--respaced-steps 25]
+
+The network is a fixed random function of (x, t), the same for both sides; the schedule is DDPM's linear one
+(1e-4 .. 0.02 over T = 1000). It prints, per comparison, the largest absolute difference of the final images
+and of every intermediate x, and exits 1 when one exceeds --tolerance.
+
+DDIM: diffusers' DDIMScheduler visits t = k * (T // steps) ("leading" spacing, the last step to alpha_bar = 1),
+ours T-1 .. 0 evenly spaced; on the first (steps - 1) * (T // steps) + 1 timesteps of the schedule ours visits
+exactly diffusers' timesteps, so the comparison runs there. Ancestral: DDPMScheduler with custom timesteps (ours,
+`ddpm.samplers.spaced_timesteps`) and variance_type="learned_range", fed the same per-step noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from ddpm.objectives import denoiser
+from ddpm.samplers import ddim, ddpm_ancestral, spaced_timesteps
+
+
+def random_function(channels: int, seed: int = 0):
+    """out(x, t) = tanh(W x + b(t)): a fixed nonlinear map with `channels` output channels per input pixel."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(channels, 3, generator=generator) * 0.5
+    bias = torch.randn(channels, generator=generator) * 0.1
+
+    def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        phase = (t.float() / 1000).reshape(-1, 1, 1, 1)
+        return torch.tanh(torch.einsum("oc,bchw->bohw", weight, x) + bias.reshape(1, -1, 1, 1) * (1 + phase))
+
+    return network
+
+
+def compare(name: str, ours: list[torch.Tensor], theirs: list[torch.Tensor], tolerance: float) -> bool:
+    steps = max((a - b).abs().max().item() for a, b in zip(ours, theirs))
+    final = (ours[-1] - theirs[-1]).abs().max().item()
+    ok = len(ours) == len(theirs) and steps <= tolerance
+    print(f"{name}: {len(ours)} steps, max |diff| final {final:.3g}, any step {steps:.3g} -> {'ok' if ok else 'DIFFERENT'}")
+    return ok
+
+
+def v_prediction_ddim(steps: int, tolerance: float) -> bool:
+    from diffusers import DDIMScheduler
+
+    num_train = 1000
+    truncated = (steps - 1) * (num_train // steps) + 1
+    scheduler = DDIMScheduler(num_train_timesteps=num_train, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                              prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=True)  # fmt: skip
+    scheduler.set_timesteps(steps)
+    betas = scheduler.betas[:truncated]
+    network = random_function(3)
+    x_T = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    ours_states = []
+    ddim(denoiser(network, "v", betas), x_T, betas, steps=steps, eta=0.0, clip_denoised=False,
+         callback=lambda state: ours_states.append(state["x"]))  # fmt: skip
+    expected = spaced_timesteps(truncated, steps)
+    if scheduler.timesteps.tolist() != expected:
+        print(f"timesteps differ: diffusers {scheduler.timesteps.tolist()[:5]}..., ours {expected[:5]}...")
+        return False
+    theirs, x = [], x_T.clone()
+    for t in scheduler.timesteps:
+        x = scheduler.step(network(x, t.repeat(x.shape[0])), t, x, eta=0.0).prev_sample
+        theirs.append(x)
+    return compare(f"DDIM, v-prediction, {steps} steps", ours_states, theirs, tolerance)
+
+
+def learned_range_ancestral(steps: int, tolerance: float) -> bool:
+    from diffusers import DDPMScheduler
+
+    num_train = 1000
+    scheduler = DDPMScheduler(num_train_timesteps=num_train, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                              variance_type="learned_range", prediction_type="epsilon", clip_sample=False)  # fmt: skip
+    timesteps = spaced_timesteps(num_train, steps)
+    scheduler.set_timesteps(timesteps=timesteps)
+    network = random_function(6)  # 3 mean channels, 3 variance channels
+    x_T = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+
+    ours_states = []
+    ddpm_ancestral(denoiser(network, "eps", scheduler.betas, learned_variance=True), x_T, scheduler.betas, steps=steps,
+                   generator=torch.Generator().manual_seed(3), callback=lambda state: ours_states.append(state["x"]))  # fmt: skip
+    theirs, x, generator = [], x_T.clone(), torch.Generator().manual_seed(3)
+    for t in scheduler.timesteps:
+        x = scheduler.step(network(x, t.repeat(x.shape[0])), t, x, generator=generator).prev_sample
+        theirs.append(x)
+    return compare(f"ancestral, learned_range, {steps} respaced steps", ours_states, theirs, tolerance)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--respaced-steps", type=int, default=25, help="ancestral steps over the 1000 timesteps")
+    parser.add_argument("--tolerance", type=float, default=1e-4)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results = [v_prediction_ddim(args.steps, args.tolerance), learned_range_ancestral(args.respaced_steps, args.tolerance),
+               learned_range_ancestral(1000, args.tolerance)]  # fmt: skip
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
