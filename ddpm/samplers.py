@@ -127,6 +127,13 @@ def _alphas_cumprod(betas: torch.Tensor) -> list[float]:
     return objectives.alphas_cumprod(betas).tolist()
 
 
+def _clip_x0(x: torch.Tensor, x0: torch.Tensor, alpha_bar: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps, x0) with x0 clipped to [-1, 1] and the noise re-derived from it, so that x_t = sqrt(alpha_bar) x0 +
+    sqrt(1 - alpha_bar) eps still holds: the step then moves towards an image inside the data's range."""
+    x0 = x0.clamp(-1, 1)
+    return (x - math.sqrt(alpha_bar) * x0) * (1 / math.sqrt(1 - alpha_bar)), x0
+
+
 def _check_eta(eta: float) -> None:
     if not (math.isfinite(eta) and eta >= 0):
         raise ConfigError(f"sampler.eta={eta!r} must be a number >= 0 (0 = deterministic DDIM, 1 = DDPM-like)")
@@ -161,8 +168,7 @@ def ddim(
         sigma = eta * math.sqrt((1 - a_next) / (1 - a_t) * (1 - a_t / a_next))
         eps, x0, _ = denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         if clip_denoised:
-            x0 = x0.clamp(-1, 1)
-            eps = (x - math.sqrt(a_t) * x0) * (1 / math.sqrt(1 - a_t))
+            eps, x0 = _clip_x0(x, x0, a_t)
         # max(): 1 - a_next - sigma^2 is 0 up to rounding at eta = 1 (and below 0 for eta > 1).
         x = math.sqrt(a_next) * x0 + math.sqrt(max(1 - a_next - sigma**2, 0.0)) * eps
         if eta > 0 and i + 1 < len(timesteps):
@@ -234,15 +240,17 @@ def heun(
     betas: torch.Tensor,
     *,
     steps: int = 18,
-    spacing: str = "uniform",
+    spacing: str = "quadratic",
     sigma_max: float | None = None,
+    clip_denoised: bool = True,
     generator: Generators = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1, deterministic).
 
     In the variables of Karras et al., x~ = x / alpha and s = sigma / alpha, the ODE of this VP schedule is
-    dx~/ds = eps(x, t(s)). `steps` timesteps T-1 ... 0 (spaced as `spacing`) are visited; between consecutive
+    dx~/ds = eps(x, t(s)). `steps` timesteps T-1 ... 0 (spaced as `spacing`: quadratic by default, denser
+    near t = 0, as EDM's rho = 7 spacing is near sigma = 0) are visited; between consecutive
     ones an Euler step is corrected by the slope at its end (two network evaluations), and from the last one,
     t = 0, the step to s = 0 is the predicted x0: 2 * steps - 1 evaluations in all. The state is kept in x
     itself, x_s = (alpha_s / alpha_t) x_t + alpha_s (s_s - s_t) eps, so that alpha_t ~ 0 stays finite.
@@ -252,6 +260,11 @@ def heun(
     an interval from a huge s_t magnifies any change of D. The cosine schedule's clipped last beta puts
     s_{T-1} at about 2e4 (linear: 157); `sigma_max` (e.g. EDM's 80) then starts at the last timestep with
     s <= sigma_max, from the same N(0, I) noise (None: at T-1, as every sampler here).
+
+    clip_denoised clips each predicted x0 to [-1, 1] and re-derives the slope from it, as ddim and dpm_solver
+    do (EDM's sampler does not clip; clip_denoised=false is Algorithm 1 exactly). On a briefly trained model
+    the clipping matters more than the solver's order (the quickstart's digits, 50 uniform steps: FID 63
+    unclipped, 54 clipped, where DDIM's clipped ODE ends at 53 even with 1000 steps).
     """
     alphas_cumprod = _alphas_cumprod(betas)
     num_timesteps = len(betas)
@@ -265,17 +278,19 @@ def heun(
     timesteps = spaced_timesteps(num_timesteps, steps, spacing)
     evaluations = 2 * len(timesteps) - 1
 
-    def evaluate(x: torch.Tensor, t: int) -> Prediction:
-        return denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+    def evaluate(x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, x0) at timestep t."""
+        eps, x0, _ = denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        return _clip_x0(x, x0, alphas_cumprod[t]) if clip_denoised else (eps, x0)
 
     def report(i: int, t: int, x: torch.Tensor) -> None:
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "steps": evaluations})
 
     for i, t in enumerate(timesteps):
-        prediction = evaluate(x, t)
+        eps, x0 = evaluate(x, t)
         if i + 1 == len(timesteps):
-            x = prediction.x0
+            x = x0
             report(2 * i, t, x)
             break
         s = timesteps[i + 1]
@@ -283,9 +298,9 @@ def heun(
         ratio = math.sqrt(a_s / a_t)
         # alpha_s (s_s - s_t), written so that neither term divides by a tiny alpha_t alone
         slope_coef = math.sqrt(1 - a_s) - math.sqrt(a_s * (1 - a_t) / a_t)
-        euler = ratio * x + slope_coef * prediction.eps
+        euler = ratio * x + slope_coef * eps
         report(2 * i, t, euler)
-        corrected = evaluate(euler, s)
-        x = ratio * x + slope_coef * (0.5 * (prediction.eps + corrected.eps))
+        eps_end, _ = evaluate(euler, s)
+        x = ratio * x + slope_coef * (0.5 * (eps + eps_end))
         report(2 * i + 1, s, x)
     return x

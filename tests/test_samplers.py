@@ -170,7 +170,7 @@ def test_dpm_solver_sde_step_and_eta_0_is_the_ode_solver():
 def test_heun_step_is_euler_corrected_by_the_slope_at_its_end():
     """Karras et al. 2022, Algorithm 1 (S_churn = 0) in x~ = x / alpha, s = sigma / alpha."""
     betas, predict, x = schedule(20), linear_map_predictor(), x_T()
-    out, states = record(heun, predict, x, betas, steps=3)
+    out, states = record(heun, predict, x, betas, steps=3, spacing="uniform", clip_denoised=False)
     assert [st["t"] for st in states] == [19, 10, 10, 0, 0] and all(st["steps"] == 5 for st in states)
     ab = alpha_bar(betas)
     alpha, s = ab.sqrt(), ((1 - ab) / ab).sqrt()
@@ -185,6 +185,20 @@ def test_heun_step_is_euler_corrected_by_the_slope_at_its_end():
     last = states[3]["x"]  # the state at t = 0; the step to s = 0 is the predicted x0
     torch.testing.assert_close(out, ((last - (1 - ab[0]).sqrt() * at(predict, last, 0)) / alpha[0]).float(),
                                rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_heun_with_clip_denoised_steps_towards_the_clipped_x0():
+    """clip_denoised: each slope is the noise of the x0 clipped to [-1, 1], and the last step returns that x0."""
+    betas, x = schedule(20), x_T() * 3
+    predict = linear_map_predictor()
+    clipped, states = record(heun, predict, x, betas, steps=3, spacing="uniform")
+    unclipped = heun(eps_denoiser(predict, betas), x, betas, steps=3, spacing="uniform", clip_denoised=False)
+    assert clipped.abs().max() <= 1 and unclipped.abs().max() > 1
+    ab = alpha_bar(betas)
+    x0 = ((x.double() - (1 - ab[19]).sqrt() * at(predict, x, 19).double()) / ab[19].sqrt()).clamp(-1, 1)
+    eps = (x.double() - ab[19].sqrt() * x0) / (1 - ab[19]).sqrt()
+    euler = (ab[10] / ab[19]).sqrt() * x.double() + ((1 - ab[10]).sqrt() - (ab[10] * (1 - ab[19]) / ab[19]).sqrt()) * eps
+    torch.testing.assert_close(states[0]["x"], euler.float(), rtol=1e-5, atol=1e-5)
 
 
 def test_heun_converges_at_second_order_on_gaussian_data():
@@ -205,7 +219,7 @@ def test_heun_converges_at_second_order_on_gaussian_data():
     exact = alpha[0] * (m + (x / alpha[T - 1] - m) * ((c**2 + s[0] ** 2) / (c**2 + s[T - 1] ** 2)).sqrt())
     errors = []
     for steps in (6, 11, 21, 41):  # 5, 10, 20, 40 intervals, evenly spaced over 999 timesteps
-        _, states = record(heun, predict, x, betas, steps=steps)
+        _, states = record(heun, predict, x, betas, steps=steps, spacing="uniform", clip_denoised=False)
         errors.append((states[-2]["x"] - exact).abs().max().item())
     ratios = [errors[i] / errors[i + 1] for i in range(len(errors) - 1)]
     assert all(3.0 < ratio < 5.5 for ratio in ratios[1:]), (errors, ratios)
@@ -327,7 +341,8 @@ def test_bad_settings_name_the_key(sampler, settings, message):
 @pytest.mark.parametrize("overrides, target, settings", [
     (["sampler=ddpm", "sampler.variance=fixed_small"], ddpm_ancestral, {"steps": None, "variance": "fixed_small"}),
     (["sampler=ddpm", "sampler.steps=25"], ddpm_ancestral, {"steps": 25, "variance": None}),
-    (["sampler=heun", "sampler.steps=7"], heun, {"steps": 7, "spacing": "uniform", "sigma_max": None}),
+    (["sampler=heun", "sampler.steps=7"], heun, {"steps": 7, "spacing": "quadratic", "sigma_max": None,
+                                                    "clip_denoised": True}),
     (["sampler=dpm_solver_sde", "sampler.steps=12"], dpm_solver, {"steps": 12, "eta": 1.0, "clip_denoised": True}),
     (["sampler=ddim", "sampler.steps=50", "sampler.eta=0.5", "sampler.spacing=quadratic"], ddim,
      {"steps": 50, "eta": 0.5, "spacing": "quadratic", "clip_denoised": True}),
