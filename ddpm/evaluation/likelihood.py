@@ -1,8 +1,8 @@
 """Negative log-likelihood in bits/dim: the variational bound of a trained diffusion on held-out images
 (Ho et al. 2020, Eq. 5), L_T + sum over t >= 1 of the KL terms + the discretized decoder L_0, per term.
 
-With `timesteps` K < T - 1 the KL sum is estimated from K evenly spaced timesteps (their mean times T - 1):
-unbiased only in the sense of a Riemann sum, and reported as an estimate.
+With `timesteps` K < T - 1 the KL sum is estimated by a quadrature over K of its terms (`bound_quadrature`),
+and reported as an estimate.
 """
 
 import logging
@@ -15,12 +15,21 @@ from ddpm.diffusion import GaussianDiffusion, eval_mode
 log = logging.getLogger(__name__)
 
 
-def bound_timesteps(num_timesteps: int, timesteps: int | None) -> list[int]:
-    """The KL terms' timesteps evaluated: all of 1..T-1, or `timesteps` of them evenly spaced."""
-    every = list(range(1, num_timesteps))
-    if timesteps is None or timesteps >= len(every):
-        return every
-    return sorted({every[round(i * (len(every) - 1) / max(timesteps - 1, 1))] for i in range(timesteps)})
+def bound_quadrature(num_timesteps: int, timesteps: int | None) -> tuple[list[int], list[int]]:
+    """The KL terms' timesteps evaluated and how many terms each stands for: every t of 1..T-1 once, or K of
+    them, one apart at t = 1 and spreading out quadratically towards T - 1, each standing for the terms nearer
+    to it than to its neighbours. Evenly spaced ones would give the first, largest term (t = 1, about
+    a tenth of the whole bound of a trained model) the weight of (T - 1)/K terms that are far smaller."""
+    last = num_timesteps - 1
+    if timesteps is None or timesteps >= last:
+        return list(range(1, num_timesteps)), [1] * last
+    if timesteps == 1:
+        return [num_timesteps // 2], [last]
+    # i + c (i / (K - 1))^2 grows by at least 1 per step, so the K rounded timesteps are distinct: 1 ... T - 1
+    stretch = last - timesteps
+    points = [1 + round(i + stretch * (i / (timesteps - 1)) ** 2) for i in range(timesteps)]
+    bounds = [1, *[(a + b) // 2 + 1 for a, b in zip(points, points[1:])], num_timesteps]
+    return points, [high - low for low, high in zip(bounds, bounds[1:])]
 
 
 @torch.no_grad()
@@ -40,8 +49,7 @@ def test_set_nll(
     and the mean of each term (prior L_T, decoder L_0, the KL sum and every evaluated KL term). The noise of
     each term comes from `seed`, so that the same weights give the same number."""
     T = diffusion.num_timesteps
-    kl_steps = bound_timesteps(T, timesteps)
-    scale = (T - 1) / max(len(kl_steps), 1)  # 1 when every term is evaluated
+    kl_steps, kl_weights = bound_quadrature(T, timesteps)
     generator = torch.Generator(device).manual_seed(seed)
     totals = {"prior": 0.0, "decoder": 0.0, "kl": 0.0}
     per_term = torch.zeros(T, dtype=torch.float64)
@@ -55,7 +63,7 @@ def test_set_nll(
             x0 = x0.to(device).float()
             labels = y.to(device) if use_labels else None
             terms = {t: diffusion.bound_at(x0, t, labels, generator=generator, use_ema=use_ema) for t in [0, *kl_steps]}
-            kl = sum(terms[t] for t in kl_steps) * scale if kl_steps else torch.zeros(len(x0), device=device)
+            kl = sum((weight * terms[t] for t, weight in zip(kl_steps, kl_weights)), torch.zeros(len(x0), device=device))
             totals["prior"] += diffusion.prior_bits(x0).sum().item()
             totals["decoder"] += terms[0].sum().item()
             totals["kl"] += kl.sum().item()
@@ -71,14 +79,18 @@ def test_set_nll(
         "prior_bits_per_dim": means["prior"],
         "decoder_bits_per_dim": means["decoder"],
         "kl_bits_per_dim": means["kl"],
-        "terms_bits_per_dim": {str(t): per_term[t].item() / count for t in [0, *kl_steps]},
+        # two lists in timestep order (a dict's string keys would sort 0, 1, 10, 100, ...)
+        "term_timesteps": [0, *kl_steps],
+        "term_weights": [1, *kl_weights],
+        "terms_bits_per_dim": [per_term[t].item() / count for t in [0, *kl_steps]],
         "num_images": count,
         "timesteps_evaluated": len(kl_steps) + 1,
         "exact": len(kl_steps) == T - 1,
         "note": (
             "every term of the bound, one noise draw each"
             if len(kl_steps) == T - 1
-            else f"an estimate: the KL sum from {len(kl_steps)} of its {T - 1} terms, evenly spaced, times {scale:.4g}"
+            else f"an estimate: the KL sum from {len(kl_steps)} of its {T - 1} terms (dense at small t, then "
+            "spread out), each weighted by the number of terms it stands for (term_weights)"
         ),
         "variance": diffusion.variance,
         "prediction": diffusion.prediction,
