@@ -201,6 +201,21 @@ def test_heun_with_clip_denoised_steps_towards_the_clipped_x0():
     torch.testing.assert_close(states[0]["x"], euler.float(), rtol=1e-5, atol=1e-5)
 
 
+def test_heun_with_sigma_max_starts_at_the_last_timestep_below_it():
+    """The cosine schedule's last timestep has s = sigma / alpha of about 2e4; sigma_max=80 starts at the last
+    timestep with s <= 80 instead, and the point-mass data comes out exactly."""
+    from ddpm.schedules import cosine_betas
+
+    betas = cosine_betas(1000)
+    ab = alpha_bar(betas)
+    s = ((1 - ab) / ab).sqrt()
+    start = int((s <= 80).nonzero().max())
+    assert s[-1] > 1e4 and start < 999
+    out, states = record(heun, point_mass_predictor(betas), x_T(), betas, steps=10, sigma_max=80.0)
+    assert states[0]["t"] == start and states[-1]["t"] == 0
+    torch.testing.assert_close(out, torch.full(SHAPE, 0.3), rtol=0, atol=1e-3)
+
+
 def test_heun_converges_at_second_order_on_gaussian_data():
     """Data N(m, c^2) per pixel: the probability-flow ODE's exact solution is x~(s) = m + (x~_T - m) * r(s) with
     r(s) = sqrt((c^2 + s^2) / (c^2 + s_T^2)); halving the step roughly quarters Heun's error (and Euler's
