@@ -1,5 +1,6 @@
 """Turning model-range tensors into pictures on disk."""
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,26 @@ def _save(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
 
 
+MIN_CELL_PIXELS = 64
+
+
+def cell_scale(height: int, width: int, min_pixels: int = MIN_CELL_PIXELS) -> int:
+    """The whole factor that makes an image's shorter side at least `min_pixels` (1 for images that are)."""
+    return max(1, math.ceil(min_pixels / min(height, width)))
+
+
 def save_grid(images: torch.Tensor, path: str | Path, columns: int) -> Path:
-    """Saves images as one PNG grid, `columns` per row (row i holds class i in class-conditional grids)."""
+    """Saves images as one PNG grid, `columns` per row (row i holds class i in class-conditional grids).
+
+    Small images are enlarged by a whole factor, nearest neighbour, so that every cell is at least 64 pixels
+    and a grid of 16 x 16 digits reads without zooming; the images themselves (samples.npz) keep their size."""
     from torchvision.utils import make_grid  # here: importing torchvision takes seconds (it loads torch._dynamo)
 
-    grid = make_grid(images.detach().float().cpu(), nrow=columns, padding=2, pad_value=1.0)
+    images = images.detach().float().cpu()
+    scale = cell_scale(*images.shape[-2:])
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+    grid = make_grid(images, nrow=columns, padding=2, pad_value=1.0)
     path = Path(path)
     _save(to_uint8(grid[None])[0], path)
     return path

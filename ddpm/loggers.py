@@ -23,6 +23,9 @@ class NullLogger:
     def log_image(self, key: str, path: str | Path, step: int, caption: str | None = None) -> None:
         pass
 
+    def plot(self) -> None:
+        """Redraws the run's picture of its metrics (at every checkpoint)."""
+
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue this log (saved in every checkpoint)."""
         return {}
@@ -57,6 +60,15 @@ class LocalLogger(NullLogger):
         row = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()}}
         with open(self.path, "a") as file:
             file.write(json.dumps(row) + "\n")
+
+    def plot(self) -> None:
+        """metrics.png beside metrics.jsonl. A picture is not worth stopping a run for: a failure is a warning."""
+        from ddpm.plots import plot_training_metrics
+
+        try:
+            plot_training_metrics(self.path)
+        except Exception as error:
+            log.warning("could not draw %s: %s: %s", self.path.with_name("metrics.png"), type(error).__name__, error)
 
 class WandbLogger(LocalLogger):
     """Weights & Biases (and metrics.jsonl): config, metrics and images. `mode=offline` needs no account and

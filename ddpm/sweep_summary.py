@@ -1,7 +1,7 @@
 """Sweep summary: after `python main.py -m ...`, one table of every job's result in the sweep directory.
 
 `SweepSummary` is a Hydra callback (registered under `hydra.callbacks` in conf/config.yaml) whose
-`on_multirun_end` writes `summary.csv` and `summary.md` next to the job directories: one row per job with its
+`on_multirun_end` writes `summary.csv`, `summary.md` and `summary.png` next to the job directories: one row per job with its
 overrides, final train/test loss, steps, wall time, SLURM job id, sample grid (and FID once jobs report one).
 The work is done by the plain functions `summarize` and `write_summary`, which also summarize a sweep by hand:
 
@@ -17,6 +17,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from ddpm.plots import plot_sweep
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +145,10 @@ class SweepSummary(Callback):
             return  # only training jobs write the summary.json read here: a sampling sweep would list all as failed
         try:
             sweep_dir = Path(str(config.hydra.sweep.dir))
-            csv_path, md_path = write_summary(sweep_dir, summarize(sweep_dir))
+            rows = summarize(sweep_dir)
+            csv_path, md_path = write_summary(sweep_dir, rows)
             log.info("sweep summary: %s and %s", csv_path, md_path)
+            log.info("sweep picture: %s", plot_sweep(sweep_dir, rows))
         except Exception as error:  # the jobs' results are all on disk already: a summary is not worth failing for
             log.warning("could not write the sweep summary: %s: %s", type(error).__name__, error)
 
@@ -153,8 +157,9 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m ddpm.sweep_summary SWEEP_DIR", file=sys.stderr)
         return 2
-    csv_path, md_path = write_summary(argv[0], summarize(argv[0]))
-    print(f"wrote {csv_path} and {md_path}")
+    rows = summarize(argv[0])
+    csv_path, md_path = write_summary(argv[0], rows)
+    print(f"wrote {csv_path}, {md_path} and {plot_sweep(argv[0], rows)}")
     return 0
 
 

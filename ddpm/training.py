@@ -104,6 +104,7 @@ def checkpoint(parts: TrainingParts, started: float) -> None:
     """This step's checkpoint (every rank takes part), never past a non-finite step not reported yet."""
     parts.nonfinite.check(parts.checkpoints.describe_last())
     parts.checkpoints.save(parts.loop.step, parts.loop.total_time(started))
+    parts.logger.plot()  # metrics.png, refreshed with every checkpoint (a no-op on ranks above 0)
 
 
 def log_interval(parts: TrainingParts, settings: TrainSettings, *, images: int, seconds: float) -> dict[str, float]:

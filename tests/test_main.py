@@ -54,9 +54,10 @@ def test_training_writes_checkpoints_with_weights_step_and_config(trained_run):
 
 def test_training_saves_a_class_per_row_sample_grid(trained_run):
     grid = Image.open(trained_run / "samples" / "final.png")
-    # 10 classes x 2 columns of 16x16 images with 2-pixel padding.
-    assert grid.size == (2 + 2 * 18, 2 + 10 * 18)
+    # 10 classes x 2 columns of 16x16 images enlarged 4 times (64-pixel cells) with 2-pixel padding.
+    assert grid.size == (2 + 2 * 66, 2 + 10 * 66)
     assert (trained_run / "samples" / "step_0000006.png").is_file()
+    assert Image.open(trained_run / "metrics.png").size[0] > 800  # drawn at the checkpoints from metrics.jsonl
 
 
 def test_wandb_offline_run_records_config_and_losses(trained_run):
@@ -81,7 +82,7 @@ def test_sample_task_writes_a_balanced_npz_and_pngs(trained_run, tmp_path):
     assert samples["arr_0"].shape == (10, 16, 16, 1) and samples["arr_0"].dtype == np.uint8
     assert sorted(samples["arr_1"].tolist()) == list(range(10))  # an equal share (one) per class
     assert len(list(out_dir.glob("*_class*.png"))) == 10
-    assert Image.open(out_dir / "sequence.png").size == (2 + 5 * 18, 2 + 8 * 18)
+    assert Image.open(out_dir / "sequence.png").size == (2 + 5 * 66, 2 + 8 * 66)
 
     again = tmp_path / "again"
     run_in_process("task=sample", f"checkpoint={trained_run / 'checkpoints' / 'last.pt'}", "sample.num_images=10",
