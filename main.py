@@ -7,6 +7,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 # conf/paths/default.yaml places data and outputs relative to the project, wherever the command runs from.
@@ -15,6 +16,7 @@ os.environ.setdefault("DDPM_PROJECT_ROOT", str(Path(__file__).resolve().parent))
 from ddpm.cpu_share import use_cpu_share  # noqa: E402
 from ddpm.faults import explain, one_line, print_error  # noqa: E402
 from ddpm.run_directory import claim, launch_rank, release_all  # noqa: E402
+from ddpm.sweep_summary import after_sweep_job, clear_job_error, record_job_error  # noqa: E402
 from ddpm.validation import check_config  # noqa: E402
 
 log = logging.getLogger("ddpm")
@@ -45,20 +47,29 @@ def main(cfg: DictConfig):
     """Runs the task; every fault ddpm.faults recognizes ends in one line and exit status 1. Rank 0 holds the
     run directory (ddpm.run_directory) until the task ends."""
     task = hydra.utils.get_method(cfg.task._target_)
+    hydra_config = HydraConfig.get()
+    job_dir = hydra_config.runtime.output_dir
+    holds_directory = False  # only the process that holds the run directory writes its error line there
     try:
+        if launch_rank() == 0:  # a no-op for a single run, whose directory was claimed before Hydra wrote there
+            claim(job_dir)
+            holds_directory = True
+            clear_job_error(job_dir)
         check_config(cfg)
         use_cpu_share(OmegaConf.select(cfg, "trainer.num_threads"))  # every task: threads sized to the allocation
-        if launch_rank() == 0:  # a no-op for a single run, whose directory was claimed before Hydra wrote there
-            claim(HydraConfig.get().runtime.output_dir)
         return task(cfg)
     except Exception as error:
         expected = explain(error, num_workers=OmegaConf.select(cfg, "trainer.num_workers"))
+        if holds_directory:
+            record_job_error(job_dir, one_line(expected) if expected else one_line(f"{type(error).__name__}: {error}"))
         if expected is None:
             raise
         log.error("%s", one_line(expected))
         sys.exit(1)
     finally:
         release_all()
+        if holds_directory and hydra_config.mode == RunMode.MULTIRUN:
+            after_sweep_job(cfg, job_dir, hydra_config.sweep.dir)
 
 
 if __name__ == "__main__":

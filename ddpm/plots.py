@@ -100,7 +100,7 @@ def differing_overrides(overrides: list[str]) -> list[str]:
 
 def plot_sweep(sweep_dir: str | Path, rows: list[dict[str, Any]], objective: str = "test_loss") -> Path | None:
     """summary.png in the sweep directory: every job's test loss against the step, overlaid, and each job's
-    final `objective` (failed jobs marked), labelled by the overrides in which the jobs differ. None for a
+    final `objective` (failed and running jobs marked), labelled by the overrides in which the jobs differ. None for a
     sweep without jobs."""
     if not rows:
         return None
@@ -124,10 +124,10 @@ def plot_sweep(sweep_dir: str | Path, rows: list[dict[str, Any]], objective: str
         value = row.get(objective)
         done = row.get("status") == "done" and isinstance(value, (int, float)) and math.isfinite(value)
         heights.append(value if done else 0.0)
-        colors.append("tab:blue" if done else "tab:red")
+        colors.append("tab:blue" if done else "tab:red")  # a failed or a running job has no bar, only its label
     positions = range(len(rows))
     finals.barh(list(positions), heights, color=colors)
-    finals.set_yticks(list(positions), [f"{row['job']}: {label}" + ("" if row.get("status") == "done" else " (failed)")
+    finals.set_yticks(list(positions), [f"{row['job']}: {label}" + ("" if row.get("status") == "done" else f" ({row.get('status')})")
                                         for row, label in zip(rows, labels)], fontsize="small")  # fmt: skip
     finals.invert_yaxis()  # job 0 on top, as in the table
     finals.set(xlabel=objective.replace("_", " "), title=f"final {objective.replace('_', ' ')} per job")

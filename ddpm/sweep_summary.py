@@ -3,14 +3,18 @@
 `SweepSummary` is a Hydra callback (registered under `hydra.callbacks` in conf/config.yaml) whose
 `on_multirun_end` writes `summary.csv`, `summary.md` and `summary.png` next to the job directories: one row per job with its
 overrides, final train/test loss, steps, wall time, SLURM job id, sample grid (and FID once jobs report one).
-The work is done by the plain functions `summarize` and `write_summary`, which also summarize a sweep by hand:
+Each job also updates it as it ends (`after_sweep_job`, called by main.py), so a sweep that stopped at a failed
+job still has its table, with that job's error line. The work is done by the plain functions `summarize` and
+`write_summary`, which also summarize a sweep by hand:
 
     python -m ddpm.sweep_summary outputs/multiruns/2026-11-27/14-03-12
 """
 
 import csv
+import fcntl
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,8 +28,30 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["job", "status", "overrides", "steps", "train_loss", "test_loss", "wall_time_s", "slurm_job_id",
            "sample_grid"]  # fmt: skip
-OPTIONAL_COLUMNS = ["fid", "nll_bits_per_dim"]  # listed only when some job reports it
+OPTIONAL_COLUMNS = ["fid", "nll_bits_per_dim", "error"]  # listed only when some job reports it
 TRAIN_TASK = "ddpm.tasks.train.run"  # conf/task/train.yaml
+ERROR_FILE = "error.txt"  # a job's one error line, written by main.py when the job fails
+LOCK_FILE = ".summary.lock"  # jobs ending at once (SLURM arrays) rewrite the summary one at a time
+NO_RESULT = "ended without a result (killed, or stopped by an earlier job's failure)"
+
+
+def record_job_error(job_dir: str | Path, line: str) -> None:
+    """Keeps the line a failed job ended with in its directory, for the summary's error column."""
+    path = Path(job_dir) / ERROR_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(" ".join(line.split()) + "\n")  # one line: a table cell
+
+
+def clear_job_error(job_dir: str | Path) -> None:
+    """A job that starts again (a rerun, a requeue) is no longer failed."""
+    (Path(job_dir) / ERROR_FILE).unlink(missing_ok=True)
+
+
+def read_job_error(job_dir: Path) -> str | None:
+    try:
+        return (job_dir / ERROR_FILE).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -63,12 +89,16 @@ def relative_to_sweep(path: str | None, sweep_dir: Path) -> str | None:
         return path
 
 
-def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
-    """One row of the summary: the job's overrides and, when it finished, its results."""
+def job_row(job_dir: Path, sweep_dir: Path, final: bool = True) -> dict[str, Any]:
+    """One row of the summary: the job's overrides and, when it finished, its results; when it failed, its
+    error line. A job with neither is `running` while the sweep goes on (`final=False`), and failed after."""
     row: dict[str, Any] = {"job": int(job_dir.name), "overrides": read_overrides(job_dir)}
     summary = read_job_summary(job_dir)
     if summary is None:
-        return {**row, "status": "failed"}
+        error = read_job_error(job_dir)
+        if error is None and not final:
+            return {**row, "status": "running"}
+        return {**row, "status": "failed", "error": error or NO_RESULT}
     return {
         **row,
         "status": "done",
@@ -83,10 +113,11 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
     }
 
 
-def summarize(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per job of the sweep, ordered by job number; a job without results has status `failed`."""
+def summarize(sweep_dir: str | Path, final: bool = True) -> list[dict[str, Any]]:
+    """One row per job of the sweep, ordered by job number; a job without results has status `failed`
+    (or `running`, before the sweep's end)."""
     sweep_dir = Path(sweep_dir)
-    return [job_row(job_dir, sweep_dir) for job_dir in job_dirs(sweep_dir)]
+    return [job_row(job_dir, sweep_dir, final) for job_dir in job_dirs(sweep_dir)]
 
 
 def columns_of(rows: list[dict[str, Any]]) -> list[str]:
@@ -106,9 +137,11 @@ def markdown_cell(name: str, value: Any) -> str:
 
 
 def markdown_table(sweep_dir: Path, rows: list[dict[str, Any]], columns: list[str]) -> str:
-    done = sum(row["status"] == "done" for row in rows)
+    counts = {status: sum(row["status"] == status for row in rows) for status in ("done", "failed", "running")}
+    running = f", {counts['running']} running" if counts["running"] else ""
     lines = [
-        f"Sweep `{sweep_dir}`: {len(rows)} job{'' if len(rows) == 1 else 's'}, {done} done, {len(rows) - done} failed.",
+        f"Sweep `{sweep_dir}`: {len(rows)} job{'' if len(rows) == 1 else 's'}, {counts['done']} done, "
+        f"{counts['failed']} failed{running}.",
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "|".join("---" for _ in columns) + "|",
@@ -123,32 +156,54 @@ def write_summary(sweep_dir: str | Path, rows: list[dict[str, Any]]) -> tuple[Pa
     sweep_dir = Path(sweep_dir)
     columns = columns_of(rows)
     csv_path, md_path = sweep_dir / "summary.csv", sweep_dir / "summary.md"
-    with csv_path.open("w", newline="") as file:
+    partial = csv_path.with_name(csv_path.name + ".partial")  # renamed into place: a reader never sees half
+    with partial.open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({name: "" if row.get(name) is None else row[name] for name in columns})
-    md_path.write_text(markdown_table(sweep_dir, rows, columns))
+    os.replace(partial, csv_path)
+    partial = md_path.with_name(md_path.name + ".partial")
+    partial.write_text(markdown_table(sweep_dir, rows, columns))
+    os.replace(partial, md_path)
     return csv_path, md_path
 
 
+def update_summary(sweep_dir: str | Path, final: bool = True) -> tuple[Path, Path, Path | None]:
+    """summary.csv, summary.md and summary.png from the job directories as they are now, one writer at a time."""
+    sweep_dir = Path(sweep_dir)
+    with open(sweep_dir / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        rows = summarize(sweep_dir, final)
+        return (*write_summary(sweep_dir, rows), plot_sweep(sweep_dir, rows))
+
+
+def after_sweep_job(config: DictConfig, job_dir: str | Path, sweep_dir: str | Path) -> None:
+    """Called by main.py as each job of a training sweep ends, done or failed: the summary is then current
+    however the sweep itself ends (Hydra stops a sweep at a failed job, before its end-of-sweep callback)."""
+    if OmegaConf.select(config, "task._target_") != TRAIN_TASK:
+        return
+    try:
+        update_summary(sweep_dir, final=False)
+    except Exception as error:  # the job's own result is on disk: a summary is not worth failing it for
+        log.warning("could not update the sweep summary: %s: %s", type(error).__name__, error)
+
+
 class SweepSummary(Callback):
-    """Writes summary.csv and summary.md into the sweep directory when a multirun ends.
+    """Writes summary.csv, summary.md and summary.png into the sweep directory when a multirun ends.
 
     Hydra instantiates callbacks for single runs too; only `on_multirun_end` does anything, and only for a
-    sweep of task=train. Hydra calls it only when no job raised: a job that fails stops the sweep before it,
-    so `python -m ddpm.sweep_summary SWEEP_DIR` summarizes such a sweep by hand, listing that job as failed.
+    sweep of task=train. Hydra calls it only when no job failed: a job that fails stops the sweep before it,
+    which is why every job also updates the summary as it ends (`after_sweep_job`); a job still without a
+    result is then listed as running. `python -m ddpm.sweep_summary SWEEP_DIR` writes the final table by hand.
     """
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if OmegaConf.select(config, "task._target_") != TRAIN_TASK:
             return  # only training jobs write the summary.json read here: a sampling sweep would list all as failed
         try:
-            sweep_dir = Path(str(config.hydra.sweep.dir))
-            rows = summarize(sweep_dir)
-            csv_path, md_path = write_summary(sweep_dir, rows)
-            log.info("sweep summary: %s and %s", csv_path, md_path)
-            log.info("sweep picture: %s", plot_sweep(sweep_dir, rows))
+            csv_path, md_path, picture = update_summary(Path(str(config.hydra.sweep.dir)), final=True)
+            log.info("sweep summary: %s, %s and %s", csv_path, md_path, picture)
         except Exception as error:  # the jobs' results are all on disk already: a summary is not worth failing for
             log.warning("could not write the sweep summary: %s: %s", type(error).__name__, error)
 
@@ -157,9 +212,8 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m ddpm.sweep_summary SWEEP_DIR", file=sys.stderr)
         return 2
-    rows = summarize(argv[0])
-    csv_path, md_path = write_summary(argv[0], rows)
-    print(f"wrote {csv_path}, {md_path} and {plot_sweep(argv[0], rows)}")
+    csv_path, md_path, picture = update_summary(argv[0], final=True)
+    print(f"wrote {csv_path}, {md_path} and {picture}")
     return 0
 
 

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import TINY_QUICKSTART, run_main
-from ddpm.sweep_summary import SweepSummary, summarize, write_summary
+from ddpm.sweep_summary import NO_RESULT, SweepSummary, summarize, write_summary
 
 
 def make_job(sweep_dir, num, overrides, summary=None):
@@ -56,12 +56,13 @@ def test_summary_csv_has_one_row_per_job_in_job_order(fake_sweep):
 
     assert [row["job"] for row in rows] == ["0", "1", "2", "10"]  # numerically, not as text
     assert list(rows[0]) == ["job", "status", "overrides", "steps", "train_loss", "test_loss", "wall_time_s",
-                             "slurm_job_id", "sample_grid"]  # no fid column: no job has one  # fmt: skip
+                             "slurm_job_id", "sample_grid", "error"]  # no fid column: no job has one  # fmt: skip
     assert rows[0] == {"job": "0", "status": "done", "overrides": "lr=0.0 schedule=linear", "steps": "100",
                        "train_loss": "0.123456789", "test_loss": "0.2", "wall_time_s": "12.3456",
-                       "slurm_job_id": "", "sample_grid": "0/samples/final.png"}  # fmt: skip
+                       "slurm_job_id": "", "sample_grid": "0/samples/final.png", "error": ""}  # fmt: skip
     failed = {name: "" for name in ("steps", "train_loss", "test_loss", "wall_time_s", "slurm_job_id", "sample_grid")}
-    assert rows[1] == {"job": "1", "status": "failed", "overrides": "lr=0.1 schedule=cosine", **failed}
+    assert rows[1] == {"job": "1", "status": "failed", "overrides": "lr=0.1 schedule=cosine", **failed,
+                       "error": NO_RESULT}  # no error line: it was killed, or never ran
     assert rows[2]["slurm_job_id"] == "4242" and rows[2]["test_loss"] == "2.2"
     assert rows[3]["status"] == "done" and rows[3]["sample_grid"] == ""
 
@@ -73,8 +74,8 @@ def test_summary_md_has_a_header_and_a_table_row_per_job(fake_sweep):
     assert lines[0] == f"Sweep `{fake_sweep}`: 4 jobs, 3 done, 1 failed."
     table = [line for line in lines if line.startswith("|")]
     assert len(table) == 2 + 4  # header, separator, one row per job
-    assert table[2] == "| 0 | done | lr=0.0 schedule=linear | 100 | 0.1235 | 0.2 | 12.3 |  | 0/samples/final.png |"
-    assert table[3] == "| 1 | failed | lr=0.1 schedule=cosine |  |  |  |  |  |  |"
+    assert table[2] == "| 0 | done | lr=0.0 schedule=linear | 100 | 0.1235 | 0.2 | 12.3 |  | 0/samples/final.png |  |"
+    assert table[3] == f"| 1 | failed | lr=0.1 schedule=cosine |  |  |  |  |  |  | {NO_RESULT} |"
     assert "| 4242 |" in table[4]
 
 
@@ -121,3 +122,35 @@ def test_a_local_multirun_writes_its_summary(tmp_path):
     markdown = (tmp_path / "summary.md").read_text()
     assert "2 jobs, 2 done, 0 failed" in markdown
     assert "| 0 | done |" in markdown and "| 1 | done |" in markdown
+
+
+def test_a_job_with_an_error_line_is_failed_with_it_and_one_without_is_running_until_the_end(tmp_path):
+    from ddpm.sweep_summary import clear_job_error, record_job_error, update_summary
+
+    make_job(tmp_path, 0, ["lr=0.1"], finished(tmp_path, 0))
+    record_job_error(make_job(tmp_path, 1, ["lr=9"]), "trainer.lr=9 is\nnot a learning rate")
+    make_job(tmp_path, 2, ["lr=0.2"])
+    during = summarize(tmp_path, final=False)
+    assert [(row["status"], row.get("error")) for row in during] == [
+        ("done", None), ("failed", "trainer.lr=9 is not a learning rate"), ("running", None)]
+    csv_path, md_path, picture = update_summary(tmp_path, final=False)
+    assert "3 jobs, 1 done, 1 failed, 1 running." in md_path.read_text() and picture.is_file()
+    assert read_csv(csv_path)[1]["error"].startswith("trainer.lr=9")
+    assert [row.get("error") for row in summarize(tmp_path)][2] == NO_RESULT  # after the sweep, failed
+    clear_job_error(tmp_path / "1")
+    assert summarize(tmp_path, final=False)[1]["status"] == "running"
+
+
+@pytest.mark.slow
+def test_a_sweep_that_stops_at_a_failed_job_still_has_its_summary(tmp_path):
+    """Hydra ends a local sweep at its first failed job, before the end-of-sweep callback: the summary written
+    as each job ended lists the done job, and the failed one with its one error line."""
+    result = run_main("-m", *TINY_QUICKSTART, "trainer.batch_size=4,0", "trainer.iterations=2", "trainer.log_rate=1",
+                      "trainer.test_batches=1", "trainer.sample_at_end=false", "trainer.checkpoint_rate=0",
+                      "schedule.num_timesteps=50", f"hydra.sweep.dir={tmp_path}", check=False)  # fmt: skip
+    assert result.returncode == 1
+    rows = read_csv(tmp_path / "summary.csv")
+    assert [(row["job"], row["status"]) for row in rows] == [("0", "done"), ("1", "failed")]
+    assert "trainer.batch_size=0" in rows[1]["error"] and "\n" not in rows[1]["error"]
+    assert "2 jobs, 1 done, 1 failed." in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "summary.png").is_file()
