@@ -1,5 +1,6 @@
-"""Experiment loggers. Each is built with `run_dir` and the resolved `config` at the call site, and with
-`resume_step` and `resume_state` (from the checkpoint) when the run continues an earlier one."""
+"""Experiment loggers. Each is built with `run_dir` and the resolved `config` at the call site, with
+`resume_step` and `resume_state` (from the checkpoint) when the run continues an earlier one, and with `sweep`
+(`sweep_job()`) when it is a job of a multirun."""
 
 import json
 import logging
@@ -34,6 +35,20 @@ class NullLogger:
         pass
 
 
+def sweep_job() -> dict[str, Any] | None:
+    """This job's place in a Hydra multirun, for grouping its runs: the sweep directory's name (the group),
+    the job's name in it and its command-line overrides; None outside a multirun (a single run, the Python API)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    hydra_config = HydraConfig.get()
+    sweep = Path(str(hydra_config.sweep.dir)).resolve()
+    group = "-".join(sweep.parts[-2:])  # e.g. 2026-12-03-14-03-12 for outputs/multiruns/2026-12-03/14-03-12
+    return {"group": group, "name": f"{group}/{hydra_config.job.num}", "overrides": list(hydra_config.overrides.task)}
+
+
 class LocalLogger(NullLogger):
     """Writes every logged metric to `<run dir>/metrics.jsonl`, one JSON object per log step.
 
@@ -42,7 +57,7 @@ class LocalLogger(NullLogger):
     """
 
     def __init__(self, run_dir: str | Path, config: dict[str, Any], resume_step: int | None = None,
-                 resume_state: dict[str, Any] | None = None):  # fmt: skip
+                 resume_state: dict[str, Any] | None = None, sweep: dict[str, Any] | None = None):  # fmt: skip
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
         kept = []
@@ -72,7 +87,9 @@ class LocalLogger(NullLogger):
 
 class WandbLogger(LocalLogger):
     """Weights & Biases (and metrics.jsonl): config, metrics and images. `mode=offline` needs no account and
-    writes under run_dir. A resumed run continues the same wandb run id."""
+    writes under run_dir. A resumed run (a requeued job too) continues the same wandb run id. A job of a sweep
+    (`sweep`, from `sweep_job`) is grouped by its sweep unless `group` is set, named `<group>/<job number>`
+    unless `name` is, and its overrides are in its config as `overrides`."""
 
     def __init__(
         self,
@@ -80,6 +97,7 @@ class WandbLogger(LocalLogger):
         config: dict[str, Any],
         resume_step: int | None = None,
         resume_state: dict[str, Any] | None = None,
+        sweep: dict[str, Any] | None = None,
         project: str = "ddpm",
         entity: str | None = None,
         mode: str = "offline",
@@ -94,6 +112,9 @@ class WandbLogger(LocalLogger):
 
         self._wandb = wandb
         run_id = (resume_state or {}).get("wandb_run_id")
+        if sweep is not None:  # one wandb run per job, grouped by sweep, its overrides in its config
+            group, name = group or sweep["group"], name or sweep["name"]
+            config = {**config, "overrides": sweep["overrides"]}
         self.run = wandb.init(
             project=project,
             entity=entity,

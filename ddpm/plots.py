@@ -91,11 +91,25 @@ def plot_training_metrics(metrics_path: str | Path, out_path: str | Path | None 
     return _save(pyplot, figure, out_path)
 
 
+def short_override(override: str) -> str:
+    """key=value with the key's last part and a number to 3 significant digits: optimizer.lr=0.004579702920954077
+    reads lr=0.00458."""
+    key, separator, value = override.partition("=")
+    try:
+        number = float(value)
+        value = value if value.lstrip("-").isdigit() else f"{number:.3g}"
+    except ValueError:
+        pass
+    return key.rsplit(".", 1)[-1] + separator + value
+
+
 def differing_overrides(overrides: list[str]) -> list[str]:
-    """Each job's overrides less those every job shares, so that a label names what the job changed."""
+    """Each job's overrides less those every job shares, shortened (`short_override`), so that a label names
+    what the job changed."""
     split = [override.split() for override in overrides]
     shared = set.intersection(*(set(parts) for parts in split)) if split else set()
-    return [" ".join(part for part in parts if part not in shared) or "(no override)" for parts in split]
+    return [" ".join(short_override(part) for part in parts if part not in shared) or "(no override)"
+            for parts in split]  # fmt: skip
 
 
 def plot_sweep(sweep_dir: str | Path, rows: list[dict[str, Any]], objective: str = "test_loss") -> Path | None:
@@ -107,16 +121,19 @@ def plot_sweep(sweep_dir: str | Path, rows: list[dict[str, Any]], objective: str
     sweep_dir = Path(sweep_dir)
     labels = differing_overrides([str(row.get("overrides") or "") for row in rows])
     pyplot, figure, (curves, finals) = _figure(2)
+    figure.set_figwidth(9 + 0.07 * max(len(label) for label in labels))  # room for the bars' labels
+    palette = pyplot.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {row["job"]: palette[i % len(palette)] for i, row in enumerate(rows)}  # a job's curve and bar alike
     all_positive = True
-    for row, label in zip(rows, labels):
+    for row in rows:
         steps, values = series(read_metrics(sweep_dir / str(row["job"]) / "metrics.jsonl"), "test_loss")
         if steps:
-            curves.plot(steps, values, label=f"{row['job']}: {label}")
+            curves.plot(steps, values, label=f"job {row['job']}", color=color[row["job"]])
             all_positive = all_positive and _positive(values)
     if curves.lines:
         if all_positive:
             curves.set_yscale("log")
-        curves.legend(fontsize="small")
+        curves.legend(fontsize="small", ncol=1 + len(curves.lines) // 8)
     curves.set(xlabel="step", ylabel="test loss", title="test loss per job")
     curves.grid(alpha=0.3)
     heights, colors = [], []
@@ -124,7 +141,7 @@ def plot_sweep(sweep_dir: str | Path, rows: list[dict[str, Any]], objective: str
         value = row.get(objective)
         done = row.get("status") == "done" and isinstance(value, (int, float)) and math.isfinite(value)
         heights.append(value if done else 0.0)
-        colors.append("tab:blue" if done else "tab:red")  # a failed or a running job has no bar, only its label
+        colors.append(color[row["job"]])  # a failed or a running job has no bar, only its label
     positions = range(len(rows))
     finals.barh(list(positions), heights, color=colors)
     finals.set_yticks(list(positions), [f"{row['job']}: {label}" + ("" if row.get("status") == "done" else f" ({row.get('status')})")

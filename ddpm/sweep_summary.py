@@ -14,7 +14,9 @@ import csv
 import fcntl
 import json
 import logging
+import math
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,8 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["job", "status", "overrides", "steps", "train_loss", "test_loss", "wall_time_s", "slurm_job_id",
            "sample_grid"]  # fmt: skip
-OPTIONAL_COLUMNS = ["fid", "nll_bits_per_dim", "error"]  # listed only when some job reports it
+OPTIONAL_COLUMNS = ["objective", "fid", "nll_bits_per_dim", "error"]  # listed only when some job reports it
+BEST_COMMAND_FILE = "best_command.txt"
 TRAIN_TASK = "ddpm.tasks.train.run"  # conf/task/train.yaml
 ERROR_FILE = "error.txt"  # a job's one error line, written by main.py when the job fails
 LOCK_FILE = ".summary.lock"  # jobs ending at once (SLURM arrays) rewrite the summary one at a time
@@ -110,7 +113,21 @@ def job_row(job_dir: Path, sweep_dir: Path, final: bool = True) -> dict[str, Any
         "sample_grid": relative_to_sweep(summary.get("sample_grid"), sweep_dir),
         "fid": summary.get("fid", summary.get("best_fid")),  # a training run reports its best FID
         "nll_bits_per_dim": summary.get("nll_bits_per_dim"),
+        "objective": summary.get("objective_value"),
+        "objective_name": summary.get("objective"),
     }
+
+
+def best_job(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The done job of the lowest objective (every objective here is minimized); None when no job has one."""
+    scored = [row for row in rows if row["status"] == "done" and isinstance(row.get("objective"), (int, float))
+              and math.isfinite(row["objective"])]  # fmt: skip
+    return min(scored, key=lambda row: (row["objective"], row["job"])) if scored else None
+
+
+def best_command(row: dict[str, Any]) -> str:
+    """The job's run as a command line to paste (each override quoted for the shell where it needs it)."""
+    return " ".join(["python main.py", *(shlex.quote(part) for part in shlex.split(row["overrides"] or ""))])
 
 
 def summarize(sweep_dir: str | Path, final: bool = True) -> list[dict[str, Any]]:
@@ -147,6 +164,10 @@ def markdown_table(sweep_dir: Path, rows: list[dict[str, Any]], columns: list[st
         "|" + "|".join("---" for _ in columns) + "|",
     ]
     lines += ["| " + " | ".join(markdown_cell(name, row.get(name)) for name in columns) + " |" for row in rows]
+    if (best := best_job(rows)) is not None:
+        names = sorted({row["objective_name"] for row in rows if row.get("objective_name")})
+        lines += ["", f"Best: job {best['job']}, objective ({', '.join(names)}, minimized) {best['objective']:.6g}:",
+                  "", "```bash", best_command(best), "```"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -166,6 +187,8 @@ def write_summary(sweep_dir: str | Path, rows: list[dict[str, Any]]) -> tuple[Pa
     partial = md_path.with_name(md_path.name + ".partial")
     partial.write_text(markdown_table(sweep_dir, rows, columns))
     os.replace(partial, md_path)
+    if (best := best_job(rows)) is not None:
+        (sweep_dir / BEST_COMMAND_FILE).write_text(best_command(best) + "\n")
     return csv_path, md_path
 
 
@@ -175,7 +198,8 @@ def update_summary(sweep_dir: str | Path, final: bool = True) -> tuple[Path, Pat
     with open(sweep_dir / LOCK_FILE, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         rows = summarize(sweep_dir, final)
-        return (*write_summary(sweep_dir, rows), plot_sweep(sweep_dir, rows))
+        objective = "objective" if any(row.get("objective") is not None for row in rows) else "test_loss"
+        return (*write_summary(sweep_dir, rows), plot_sweep(sweep_dir, rows, objective))
 
 
 def after_sweep_job(config: DictConfig, job_dir: str | Path, sweep_dir: str | Path) -> None:

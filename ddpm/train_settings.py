@@ -12,6 +12,8 @@ from ddpm.fast_paths import FastPaths, resolve_fast_paths
 from ddpm.validation import Validated, at_least, seed_value, fraction, one_of
 
 OFF = "0 turns it off"
+# The run's result that training returns (to a Hydra sweeper such as Optuna's), all to be minimized.
+OBJECTIVES = ("auto", "test_loss", "train_loss", "best_fid", "nll_bits_per_dim")
 
 
 @dataclasses.dataclass
@@ -49,6 +51,7 @@ class TrainSettings(Validated):
     eval_batch_size: int = at_least(1, 250)  # images per sampling batch of a cheap FID
     nll_at_end: bool = False  # the variational bound in bits/dim on the test split after the last step
     nll_timesteps: int | None = at_least(1, None, note="KL terms of the end-of-run bound; null = all, the exact bound")
+    objective: str = one_of(OBJECTIVES, "auto")  # what the task returns to a sweeper: see objective_name
     early_stop_metric: str = one_of(("train_loss", "fid"), "train_loss")
     early_stop_patience: int = at_least(1, 5)  # with early_stop_metric=fid: evaluations without a new best FID
     resume: str = "auto"  # auto (continue from <run dir>/checkpoints when there is one) | never | PATH
@@ -61,6 +64,11 @@ class TrainSettings(Validated):
     data_on_device: bool | None = None  # the training split as one tensor on the device; None = on CUDA
 
     def check(self) -> None:
+        if self.objective == "best_fid" and self.eval_rate == 0:
+            raise ConfigError("trainer.objective=best_fid is the best FID during training: set trainer.eval_rate > 0")
+        if self.objective == "nll_bits_per_dim" and not self.nll_at_end:
+            raise ConfigError("trainer.objective=nll_bits_per_dim is the bound after the last step: set "
+                              "trainer.nll_at_end=true")  # fmt: skip
         if self.early_stop_metric == "fid" and self.eval_rate == 0:
             raise ConfigError("trainer.early_stop_metric=fid compares FIDs: set trainer.eval_rate > 0")
         if self.label_dropout > 0 and not self.use_labels:
@@ -70,6 +78,14 @@ class TrainSettings(Validated):
             raise ConfigError("trainer.resume='' must be auto, never or the path of a checkpoint")
         if self.early_stop_loss_change > 0 and self.log_rate == 0:
             raise ConfigError("trainer.early_stop_loss_change > 0 compares logged losses: set trainer.log_rate > 0")
+
+    @property
+    def objective_name(self) -> str:
+        """trainer.objective, with auto resolved: the best FID when FID is measured during training, else the
+        final test loss."""
+        if self.objective != "auto":
+            return self.objective
+        return "best_fid" if self.eval_rate > 0 else "test_loss"
 
     @property
     def max_grad_norm(self) -> float:

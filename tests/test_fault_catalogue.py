@@ -347,6 +347,7 @@ def test_a_killed_data_loading_worker_ends_in_one_line(tmp_path):
     finally:
         output = stop(process)
     assert process.returncode == 1, output
+    assert len(error_lines(output)) == 1, output
     [error] = error_lines(output)
     assert "data-loading worker" in error and "trainer.num_workers=1" in error, output
     assert "Traceback" not in output, output

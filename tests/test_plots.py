@@ -62,3 +62,13 @@ def test_summary_png_overlays_the_jobs_and_marks_a_failed_one(tmp_path):
     picture = plot_sweep(tmp_path, rows)
     assert picture == tmp_path / "summary.png" and Image.open(picture).size[0] > 800
     assert plot_sweep(tmp_path / "empty", []) is None
+
+
+def test_labels_are_short():
+    from ddpm.plots import short_override
+
+    assert short_override("optimizer.lr=0.004579702920954077") == "lr=0.00458"
+    assert short_override("model.base_channels=32") == "base_channels=32"
+    assert short_override("schedule=cosine") == "schedule=cosine"
+    assert differing_overrides(["experiment=q optimizer.lr=0.0123456", "experiment=q optimizer.lr=2e-3"]) == [
+        "lr=0.0123", "lr=0.002"]

@@ -9,6 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import TINY_QUICKSTART, run_main
+from wandb_records import config_values, read_wandb_records
 from ddpm.sweep_summary import NO_RESULT, SweepSummary, summarize, write_summary
 
 
@@ -110,8 +111,9 @@ def test_the_callback_summarizes_only_training_sweeps(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_local_multirun_writes_its_summary(tmp_path):
-    run_main("-m", *TINY_QUICKSTART, "schedule=linear,cosine", "trainer.iterations=2", "trainer.batch_size=4",
+def test_a_local_multirun_writes_its_summary_and_groups_its_wandb_runs(tmp_path):
+    with_wandb = [argument for argument in TINY_QUICKSTART if argument != "logger=none"] + ["logger.mode=offline"]
+    run_main("-m", *with_wandb, "schedule=linear,cosine", "trainer.iterations=2", "trainer.batch_size=4",
              "trainer.log_rate=1", "trainer.test_batches=1", "trainer.sample_at_end=false",
              "trainer.checkpoint_rate=0", "schedule.num_timesteps=50", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
 
@@ -122,6 +124,15 @@ def test_a_local_multirun_writes_its_summary(tmp_path):
     markdown = (tmp_path / "summary.md").read_text()
     assert "2 jobs, 2 done, 0 failed" in markdown
     assert "| 0 | done |" in markdown and "| 1 | done |" in markdown
+    assert (tmp_path / "summary.png").is_file()
+
+    group = "-".join(tmp_path.resolve().parts[-2:])  # one wandb run per job, grouped by the sweep directory
+    for job, schedule in ((0, "linear"), (1, "cosine")):
+        [run_file] = (tmp_path / str(job)).glob("wandb/offline-run-*/run-*.wandb")
+        records = read_wandb_records(run_file)
+        [run] = [record.run for record in records if record.WhichOneof("record_type") == "run"]
+        assert run.run_group == group and run.display_name == f"{group}/{job}"
+        assert f"schedule={schedule}" in config_values(records)["overrides"]
 
 
 def test_a_job_with_an_error_line_is_failed_with_it_and_one_without_is_running_until_the_end(tmp_path):

@@ -126,7 +126,18 @@ def default_shard_dir() -> Path:
     return Path(hydra.sweep.dir) if hydra.mode == RunMode.MULTIRUN else Path(hydra.runtime.output_dir)
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig) -> float:
+    """task=evaluate (`evaluate`), returning its objective to a sweeper: the FID (the minimum over eval.seeds),
+    or the bits/dim with eval.fid=false; NaN for a shard or an NFE sweep, which have no one number."""
+    result = evaluate(cfg)
+    if "fid" in result:
+        return float(result["fid"])
+    if (result.get("nll") or {}).get("bits_per_dim") is not None:
+        return float(result["nll"]["bits_per_dim"])
+    return float("nan")
+
+
+def evaluate(cfg: DictConfig) -> dict:
     """Samples (drawn per seed, read or merged) -> features -> metrics.json with the protocol; or one shard's
     samples; or the NFE sweep."""
     settings = check_settings(cfg)

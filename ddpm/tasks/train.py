@@ -20,6 +20,7 @@ from ddpm.errors import ConfigError
 from ddpm.evaluation.during_training import FidDuringTraining
 from ddpm.evaluation.likelihood import test_set_nll
 from ddpm.fast_paths import FastPaths, prepare_diffusion
+from ddpm.loggers import sweep_job
 from ddpm.preflight import check_storage, estimated_checkpoint_bytes
 from ddpm.resume import check_resumable, find_resume_checkpoint
 from ddpm.rng import seed_everything
@@ -32,16 +33,20 @@ from ddpm.validation import build_settings
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig) -> float:
     """Joins the other ranks when there are several (torchrun, or a SLURM job with several tasks; every rank
-    runs this), trains, and leaves the process group again."""
+    runs this), trains, and leaves the process group again. Returns trainer.objective's value, which Hydra's
+    sweepers minimize (NaN where the run has none, e.g. on ranks above 0: a sweeper counts such a trial as
+    failed)."""
     settings: TrainSettings = build_settings(cfg.trainer)
     device = resolve_device(settings.device)
     ranks = init_distributed(device)
     try:
-        return train_as_rank(cfg, settings, rank_device(device, ranks), ranks)
+        summary = train_as_rank(cfg, settings, rank_device(device, ranks), ranks)
     finally:
         shutdown(ranks)
+    value = summary.get("objective_value")
+    return float("nan") if value is None else float(value)
 
 
 def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device, ranks: Ranks) -> dict:
@@ -110,6 +115,7 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
         logger = instantiate(cfg.logger)(
             run_dir=run_dir, config=config,
             resume_step=resume[1]["step"] if resume else None, resume_state=resume[1].get("logger") if resume else None,
+            sweep=sweep_job(),
         )  # fmt: skip
         OmegaConf.save(config, run_dir / "config.yaml")  # only now: a failed start leaves the run's files alone
         if evaluator is not None:  # what the logged `fid` values are: they compare only with each other
@@ -126,6 +132,9 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
     if ranks.is_main:
         if settings.nll_at_end:
             summary["nll_bits_per_dim"] = final_likelihood(diffusion, test_loader, settings, device)
+        summary["objective"] = settings.objective_name
+        summary["objective_value"] = summary.get(settings.objective_name)
+        log.info("objective %s = %s", summary["objective"], summary["objective_value"])
         write_summary(summary, run_dir)
     return summary
 
