@@ -19,7 +19,6 @@ import torch
 
 from conftest import PROJECT_ROOT, TINY_QUICKSTART, comparable, run_main, user_environment
 from ddpm.checkpoint import load_checkpoint
-from wandb_records import read_wandb_records
 
 
 def cluster_problem() -> str | None:
@@ -123,25 +122,17 @@ def check_resumed_and_complete(sweep: Path, iterations: int) -> None:
     assert logged == sorted(set(logged)) and logged[-1] == iterations  # continued, not restarted
 
 
-def test_a_preempted_job_checkpoints_is_requeued_and_resumes_its_wandb_run(tmp_path):
+def test_a_preempted_job_checkpoints_is_requeued_and_resumes(tmp_path):
     sweep = tmp_path / "sweep"
     iterations = 300
-    with_wandb = [argument if argument != "logger=none" else "logger=wandb" for argument in TRAIN]
-    process = start_sweep(*SLURM, *with_wandb, "logger.mode=offline", f"trainer.iterations={iterations}",
-                          "trainer.log_rate=10", "trainer.checkpoint_rate=20", f"hydra.sweep.dir={sweep}")  # fmt: skip
+    process = start_sweep(*SLURM, *TRAIN, f"trainer.iterations={iterations}", "trainer.log_rate=10",
+                          "trainer.checkpoint_rate=20", f"hydra.sweep.dir={sweep}")  # fmt: skip
     job_id = submitted_job_id(sweep, process)
     wait_for_file(sweep / "0" / "checkpoints" / "step_0000020.pt", process)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)  # what preemption sends
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output
     check_resumed_and_complete(sweep, iterations)
-    # The requeued job continued its own wandb run: two processes, one run id, in the sweep's group.
-    runs = sorted((sweep / "0" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and len({path.name.rsplit("-", 1)[1] for path in runs}) == 1, runs
-    for run_dir in runs:
-        [run] = [record.run for record in read_wandb_records(next(run_dir.glob("run-*.wandb")))
-                 if record.WhichOneof("record_type") == "run"]  # fmt: skip
-        assert run.run_group == "-".join(sweep.resolve().parts[-2:])
 
 
 def steps_per_second(tmp_path: Path) -> float:
