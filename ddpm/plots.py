@@ -4,7 +4,6 @@ and never hold anything the files do not."""
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +46,14 @@ def _figure(columns: int):
 
 
 def _save(pyplot, figure, path: Path) -> Path:
-    """Written to a temporary name and renamed, so that a reader (or a kill) never sees half a PNG."""
+    """Written atomically (ddpm.checkpoint.write_atomically), so that a reader (or a kill) never sees half a PNG."""
+    from ddpm.checkpoint import write_atomically
+
     figure.tight_layout()
-    partial = path.with_name(path.name + ".partial.png")
-    figure.savefig(partial, dpi=110)
-    pyplot.close(figure)
-    os.replace(partial, path)
-    return path
+    try:
+        return write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=110))
+    finally:
+        pyplot.close(figure)
 
 
 def _positive(values: list[float]) -> bool:

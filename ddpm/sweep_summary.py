@@ -12,10 +12,10 @@ job still has its table, with that job's error line. The work is done by the pla
 
 import csv
 import fcntl
+import io
 import json
 import logging
 import math
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -24,6 +24,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from ddpm.checkpoint import write_atomically
 from ddpm.plots import plot_sweep
 
 log = logging.getLogger(__name__)
@@ -177,19 +178,20 @@ def write_summary(sweep_dir: str | Path, rows: list[dict[str, Any]]) -> tuple[Pa
     sweep_dir = Path(sweep_dir)
     columns = columns_of(rows)
     csv_path, md_path = sweep_dir / "summary.csv", sweep_dir / "summary.md"
-    partial = csv_path.with_name(csv_path.name + ".partial")  # renamed into place: a reader never sees half
-    with partial.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({name: "" if row.get(name) is None else row[name] for name in columns})
-    os.replace(partial, csv_path)
-    partial = md_path.with_name(md_path.name + ".partial")
-    partial.write_text(markdown_table(sweep_dir, rows, columns))
-    os.replace(partial, md_path)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({name: "" if row.get(name) is None else row[name] for name in columns})
+    write_text_atomically(csv_path, table.getvalue())  # jobs rewrite these as they end: never half a file
+    write_text_atomically(md_path, markdown_table(sweep_dir, rows, columns))
     if (best := best_job(rows)) is not None:
-        (sweep_dir / BEST_COMMAND_FILE).write_text(best_command(best) + "\n")
+        write_text_atomically(sweep_dir / BEST_COMMAND_FILE, best_command(best) + "\n")
     return csv_path, md_path
+
+
+def write_text_atomically(path: Path, text: str) -> Path:
+    return write_atomically(path, lambda file: file.write(text.encode()))
 
 
 def update_summary(sweep_dir: str | Path, final: bool = True) -> tuple[Path, Path, Path | None]:
