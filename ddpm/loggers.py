@@ -32,7 +32,7 @@ class NullLogger:
         return {}
 
     def finish(self) -> None:
-        pass
+        """Ends the log; safe to call more than once."""
 
 
 def sweep_job() -> dict[str, Any] | None:
@@ -127,6 +127,7 @@ class WandbLogger(LocalLogger):
             id=run_id,
             resume="allow" if run_id else None,
         )
+        self.run_id = self.run.id
         if run_id:
             log.info("wandb: continuing run %s from step %d", run_id, resume_step)
         if mode == "offline":
@@ -140,7 +141,10 @@ class WandbLogger(LocalLogger):
         self.run.log({key: self._wandb.Image(str(path), caption=caption)}, step=step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"wandb_run_id": self.run.id}
+        return {"wandb_run_id": self.run_id}
 
     def finish(self) -> None:
-        self.run.finish()
+        """Closes the run (once: a stopped run closes it before its requeue, and again on the way out)."""
+        if self.run is not None:
+            self.run.finish()
+            self.run = None

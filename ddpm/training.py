@@ -6,6 +6,7 @@
 
 import logging
 import math
+import socket
 import sys
 import time
 from typing import Any
@@ -91,6 +92,8 @@ def train(parts: TrainingParts, settings: TrainSettings) -> dict[str, Any]:
             checkpoint(parts, started)
         if stopping:
             barrier(ranks)  # the checkpoint is on disk before anyone requeues
+            # A requeue ends every process of the job at once, wandb's service too: the log is closed first.
+            parts.logger.finish()
             parts.stop_signal.hand_over(loop.step, parts.checkpoints.last)
 
         # A sample grid.
@@ -151,8 +154,12 @@ def finish(parts: TrainingParts, settings: TrainSettings, metrics: dict[str, flo
     """The last checkpoint, a check that the ranks agree, the final grid, and the run's summary."""
     loop, ranks, checkpoints = parts.loop, parts.ranks, parts.checkpoints
     checkpoint(parts, started)  # a no-op when this step's last.pt is on disk already
-    # Data parallelism keeps the replicas equal; say so, from a digest of each rank's weights.
-    weight_digests = gather_to_main(content_digest({"model": parts.diffusion.model.state_dict()}), ranks)
+    # Data parallelism keeps the replicas equal; say so, from a digest of each rank's weights (and where each
+    # rank ran: ranks of a job that spans nodes are on different hosts).
+    digest = content_digest({"model": parts.diffusion.model.state_dict()})
+    gathered = gather_to_main((digest, socket.gethostname()), ranks)  # None on ranks above 0
+    weight_digests = [rank_digest for rank_digest, _ in gathered] if gathered else None
+    hosts = [host for _, host in gathered] if gathered else None
     if ranks.is_main and len(set(weight_digests)) > 1:
         log.warning("the ranks ended with different weights: %s", weight_digests)
     grid = None  # the final grid, else the newest periodic one
@@ -173,6 +180,7 @@ def finish(parts: TrainingParts, settings: TrainSettings, metrics: dict[str, flo
         "checkpoint": str(checkpoints.last),
         "world_size": ranks.world_size,
         "rank_weight_digests": weight_digests,
+        "rank_hosts": hosts,
         "best_fid": loop.best_fid if best else None,
         "best_checkpoint": str(checkpoints.directory / "best.pt") if best else None,
     }

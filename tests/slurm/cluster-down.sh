@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Tear down the single-node SLURM cluster started by tests/slurm/cluster-up.sh.
+# Tear down the SLURM cluster started by tests/slurm/cluster-up.sh.
 #
 # What it does:
 #   1. if slurmctld is up, cancels every job still queued or running and waits
 #      (bounded) for them to end, so no job step outlives the cluster;
-#   2. stops exactly the daemons cluster-up.sh recorded (slurmd, slurmctld,
-#      slurmdbd, mariadbd, munged), by their PIDs only (never by name): SIGTERM,
-#      then SIGKILL after a grace period; waits for each to exit and removes its
-#      PID file.
+#   2. stops exactly the daemons cluster-up.sh recorded (the slurmd of the
+#      emulated nodes and of this host, slurmctld, slurmdbd, mariadbd, munged),
+#      by their PIDs only (never by name): SIGTERM, then SIGKILL after a grace
+#      period; waits for each to exit and removes its PID file;
+#   3. removes the emulated nodes' network namespaces, veth pairs, bridge and
+#      /etc/netns/<node> directories.
 # Packages, /etc/slurm, the accounting database and logs stay, so the next
 # cluster-up.sh is quick and keeps the job history. Running it when nothing is
 # up does nothing and succeeds.
@@ -35,9 +37,27 @@ say() { printf '[cluster-down %3ds] %s\n' "$((SECONDS - T0))" "$*"; }
 
 [[ $EUID -eq 0 ]] || { echo "cluster-down: must run as root (sudo $0)" >&2; exit 1; }
 
+# The emulated nodes' network, once their daemons are gone (a namespace's end of a veth pair goes with it).
+remove_node_network() {
+    local node
+    for node in "${NET_NODES[@]}"; do
+        if [[ -e /run/netns/$node ]]; then
+            say "removing network namespace $node"
+            ip netns del "$node" || status=1
+        fi
+        ip link del "ddpm-veth${node#ddpm-node}" 2>/dev/null || true
+        rm -rf "/etc/netns/$node"
+    done
+    if ip link show "$BRIDGE" >/dev/null 2>&1; then
+        ip link del "$BRIDGE" || status=1
+    fi
+}
+
+status=0
 if [[ ! -d $PID_DIR ]]; then
+    remove_node_network
     say "nothing to stop ($PID_DIR does not exist)"
-    exit 0
+    exit "$status"
 fi
 
 # Wait up to $2 seconds for PID $1 to exit.
@@ -51,7 +71,6 @@ wait_exit() {
     done
 }
 
-status=0
 stop() {
     local name=$1 pid
     if ! alive "$name"; then
@@ -93,9 +112,13 @@ if alive slurmctld && alive slurmd; then
 fi
 
 # 2. the daemons, users of a service before the service.
-for name in slurmd slurmctld slurmdbd mariadbd munged; do
+for name in "${NET_NODES[@]/#/slurmd@}" slurmd slurmctld slurmdbd mariadbd munged; do
     stop "$name"
 done
+# 3. the emulated nodes' network (only when no daemon of theirs is left in it).
+if ((status == 0)); then
+    remove_node_network
+fi
 
 if ((status == 0)); then
     say "SLURM cluster down (state, logs and database kept in $STATE_DIR)"

@@ -1,18 +1,29 @@
 #!/usr/bin/env bash
-# Bring up a real single-node SLURM cluster, with accounting, on this machine.
+# Bring up a real SLURM cluster, with accounting, on this machine: this host
+# as one node, and two more nodes emulated in network namespaces, for jobs
+# that span nodes.
 #
 # What it does:
 #   1. installs Debian's packages if any is missing (munge slurmctld slurmd
-#      slurm-client slurmdbd mariadb-server), without starting their services;
-#   2. writes /etc/slurm/slurm.conf and /etc/slurm/slurmdbd.conf for a cluster
-#      of one node (this host, reached on 127.0.0.1) with one partition;
+#      slurm-client slurmdbd mariadb-server iproute2), without starting their
+#      services;
+#   2. writes /etc/slurm/slurm.conf and /etc/slurm/slurmdbd.conf: partition P
+#      (default debug) is this host, reached on 127.0.0.1; partition
+#      P2 (default twonode) is the nodes ddpm-node1 and ddpm-node2, each a
+#      network namespace of its own with its own host name (a UTS namespace),
+#      address (N.11, N.12 on a bridge where this host is N.1; N defaults to
+#      10.250.0), /etc/hosts (/etc/netns/NODE/hosts), slurmd port and spool
+#      directory;
 #   3. starts the daemons by hand, each in the foreground under setsid, and
 #      records their PIDs: munged, mariadbd (the accounting database),
-#      slurmdbd, slurmctld, slurmd;
-#   4. waits (bounded) until a job really runs (`srun -N1 -n1`) and `sacct`
-#      reports it, then prints "SLURM cluster up: partition P, N CPUs".
+#      slurmdbd, slurmctld, slurmd, and slurmd@ddpm-node1, slurmd@ddpm-node2
+#      in their namespaces;
+#   4. waits (bounded) until a job really runs on each partition (`srun -N1
+#      -n1`, `srun -N2 -n2` on two different node names) and `sacct` reports
+#      it, then prints "SLURM cluster up: partition P, N CPUs; partition P2,
+#      2 nodes".
 # No systemd is needed (PID 1 may be anything); nothing listens for or sends
-# traffic beyond loopback.
+# traffic beyond loopback and the bridge to the namespaces made here.
 #
 # Usage (as root):
 #   sudo tests/slurm/cluster-up.sh
@@ -24,8 +35,9 @@
 # recorded PIDs (kill -0 and the process name) and only starts what is missing.
 #
 # FOR A THROWAWAY MACHINE OR CONTAINER ONLY: it installs packages, writes
-# /etc/slurm/*.conf, may create /etc/munge/munge.key and may add this host's
-# name to /etc/hosts. It is meant for hosts where Debian's services are not
+# /etc/slurm/*.conf and /etc/netns/ddpm-node*/hosts, makes network namespaces,
+# a bridge (ddpm-slurm0) and veth pairs, may create /etc/munge/munge.key and
+# may add this host's name to /etc/hosts. It is meant for hosts where Debian's services are not
 # running (containers, CI); on a systemd host stop munge, mariadb, slurmdbd,
 # slurmctld and slurmd first.
 #
@@ -36,6 +48,9 @@
 #   DDPM_SLURM_PARTITION  partition name (default debug)
 #   DDPM_SLURM_CLUSTER    cluster name (default ddpm)
 #   DDPM_SLURM_DB_PORT    mariadb TCP port, bound to 127.0.0.1 (default 3306)
+#   DDPM_SLURM_TWO_NODE_PARTITION  the two-node partition's name (default twonode)
+#   DDPM_SLURM_NODE_NET   the first three parts of the two nodes' /24 network
+#                         (default 10.250.0; pick another if that one is in use)
 #   DDPM_SLURM_WAIT       seconds to wait for each stage (default 60)
 set -Eeuo pipefail
 
@@ -45,6 +60,7 @@ PARTITION=${DDPM_SLURM_PARTITION:-debug}
 CLUSTER_NAME=${DDPM_SLURM_CLUSTER:-ddpm}
 DB_PORT=${DDPM_SLURM_DB_PORT:-3306}
 WAIT_S=${DDPM_SLURM_WAIT:-60}
+TWO_NODE_PARTITION=${DDPM_SLURM_TWO_NODE_PARTITION:-twonode}
 
 CONF_DIR=/etc/slurm
 RUN_DIR=$STATE_DIR/run
@@ -53,16 +69,20 @@ DB_RUN_DIR=$STATE_DIR/mysql-run
 DB_SOCKET=$DB_RUN_DIR/mysqld.sock
 DB_NAME=slurm_acct_db
 DB_USER=slurm
-PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
+PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server iproute2)
 
 T0=$SECONDS
 say() { printf '[cluster-up %3ds] %s\n' "$((SECONDS - T0))" "$*"; }
 
-# Print the tail of a daemon's logs (its own log file and its stdout/stderr).
+# Print the tail of a daemon's logs (its own log file and its stdout/stderr); a slurmd's log is named after
+# its node.
 show_logs() {
-    local name f
+    local name log f
     for name in "$@"; do
-        for f in "$LOG_DIR/$name.log" "$LOG_DIR/$name.out"; do
+        log=$name
+        [[ $name == slurmd ]] && log=slurmd-${HOST:-}
+        [[ $name == slurmd@* ]] && log=slurmd-${name#slurmd@}
+        for f in "$LOG_DIR/$log.log" "$LOG_DIR/$name.out"; do
             [[ -s $f ]] || continue
             echo "----- tail of $f -----" >&2
             tail -n 40 "$f" >&2
@@ -163,6 +183,36 @@ if ! getent hosts "$(hostname)" >/dev/null; then
 fi
 getent hosts "$HOST" >/dev/null || echo "127.0.0.1 $HOST" >>/etc/hosts
 
+# The two emulated nodes: a bridge with this host on it, and per node a network namespace joined to it by a
+# veth pair. Each node's /etc/hosts (/etc/netns/<node>/hosts, put in place of this host's for its slurmd below)
+# names both nodes and this host (the controller) by their bridge addresses, as a cluster's name service
+# would. Idempotent.
+node_address() { echo "$NODE_NET.1${1#ddpm-node}"; }
+ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
+ip addr replace "$NODE_NET.1/24" dev "$BRIDGE"
+ip link set "$BRIDGE" up
+for node in "${NET_NODES[@]}"; do
+    veth=ddpm-veth${node#ddpm-node}
+    [[ -e /run/netns/$node ]] || ip netns add "$node"
+    if ! ip -n "$node" link show eth0 >/dev/null 2>&1; then
+        ip link del "$veth" 2>/dev/null || true
+        ip link add "$veth" type veth peer name "$veth-peer"
+        ip link set "$veth-peer" netns "$node"
+        ip -n "$node" link set "$veth-peer" name eth0
+    fi
+    ip link set "$veth" master "$BRIDGE"
+    ip link set "$veth" up
+    ip -n "$node" addr replace "$(node_address "$node")/24" dev eth0
+    ip -n "$node" link set eth0 up
+    ip -n "$node" link set lo up
+    install -d -m 755 "/etc/netns/$node"
+    {
+        echo "127.0.0.1 localhost"
+        echo "$NODE_NET.1 $(hostname) $HOST"
+        for other in "${NET_NODES[@]}"; do echo "$(node_address "$other") $other"; done
+    } >"/etc/netns/$node/hosts"
+done
+
 if [[ ! -s /etc/munge/munge.key ]]; then
     say "creating /etc/munge/munge.key"
     install -d -m 700 -o munge -g munge /etc/munge
@@ -212,9 +262,11 @@ write_file() {
 slurm_conf_changed=
 # shellcheck disable=SC2015  # write_file returns 1 when nothing changed
 write_file "$CONF_DIR/slurm.conf" 644 <<EOF && slurm_conf_changed=1 || true
-# Written by tests/slurm/cluster-up.sh: one node ($HOST on 127.0.0.1), one partition.
+# Written by tests/slurm/cluster-up.sh: partition $PARTITION is this host ($HOST on 127.0.0.1);
+# partition $TWO_NODE_PARTITION is two nodes emulated in network namespaces (${NET_NODES[*]}).
 ClusterName=$CLUSTER_NAME
-SlurmctldHost=$HOST(127.0.0.1)
+# No address: every node reaches the controller by the address its own /etc/hosts gives this host's name.
+SlurmctldHost=$HOST
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -237,11 +289,12 @@ MailProg=/bin/true
 SlurmctldPort=6817
 SlurmdPort=6818
 StateSaveLocation=$STATE_DIR/slurmctld
-SlurmdSpoolDir=$STATE_DIR/slurmd
+# %n: the node's name (several slurmd share this file)
+SlurmdSpoolDir=$STATE_DIR/slurmd/%n
 SlurmctldPidFile=$RUN_DIR/slurmctld.pid
-SlurmdPidFile=$RUN_DIR/slurmd.pid
+SlurmdPidFile=$RUN_DIR/slurmd-%n.pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmdLogFile=$LOG_DIR/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 AccountingStorageType=accounting_storage/slurmdbd
@@ -249,7 +302,10 @@ AccountingStorageHost=127.0.0.1
 AccountingStoragePort=6819
 JobCompType=jobcomp/none
 NodeName=$HOST NodeAddr=127.0.0.1 $NODE_HW RealMemory=$REAL_MEM State=UNKNOWN
+NodeName=${NET_NODES[0]} NodeAddr=$(node_address "${NET_NODES[0]}") Port=6821 $NODE_HW RealMemory=$REAL_MEM State=UNKNOWN
+NodeName=${NET_NODES[1]} NodeAddr=$(node_address "${NET_NODES[1]}") Port=6822 $NODE_HW RealMemory=$REAL_MEM State=UNKNOWN
 PartitionName=$PARTITION Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+PartitionName=$TWO_NODE_PARTITION Nodes=${NET_NODES[0]},${NET_NODES[1]} Default=NO MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
 
 # slurmdbd refuses a slurmdbd.conf that others can read: mode 600.
@@ -317,56 +373,85 @@ if [[ -z $(timeout 10 sacctmgr -n -P list cluster "$CLUSTER_NAME" format=Cluster
         || fail "sacctmgr add cluster failed" slurmdbd
 fi
 
-# slurmctld, then slurmd.
+# slurmctld, then the slurmd of this host and those of the two emulated nodes: each in its network namespace,
+# under its node's host name (a UTS namespace) and with its node's /etc/hosts (bound over this host's in a
+# mount namespace), all of which its jobs inherit. Not `ip netns exec`: that mounts a /sys without the
+# cgroup file system slurmd needs.
 if alive slurmctld && [[ -n $slurm_conf_changed ]]; then
     say "slurm.conf changed: scontrol reconfigure"
     timeout 20 scontrol reconfigure || true
 fi
 start slurmctld slurmctld -D -i
 wait_for slurmctld "slurmctld to answer" timeout 10 scontrol ping
-start slurmd slurmd -D
+install -d -m 755 "$STATE_DIR/slurmd/$HOST"
+start slurmd slurmd -D -N "$HOST"
+for node in "${NET_NODES[@]}"; do
+    install -d -m 755 "$STATE_DIR/slurmd/$node"
+    # shellcheck disable=SC2016  # $1 expands in the inner shell
+    start "slurmd@$node" nsenter --net="/run/netns/$node" unshare --uts --mount --propagation private \
+        sh -c 'hostname "$1" && mount --bind "/etc/netns/$1/hosts" /etc/hosts && exec slurmd -D -N "$1"' \
+        sh "$node"
+done
 node_responding() {
     local s
-    s=$(timeout 10 sinfo -h -n "$HOST" -o %t) || return 1
+    s=$(timeout 10 sinfo -h -n "$1" -o %t) || return 1
     [[ -n $s && $s != *'*' ]]
 }
-wait_for slurmd "slurmd to register with slurmctld" node_responding
+wait_for slurmd "slurmd to register with slurmctld" node_responding "$HOST"
+for node in "${NET_NODES[@]}"; do
+    wait_for "slurmd@$node" "the slurmd of $node to register with slurmctld" node_responding "$node"
+done
 
 # --- 4. wait until usable ------------------------------------------------
-# sinfo may show the node idle before slurmd has really reconnected: only a
-# job that ran proves it. Each try is bounded; a node left down or drained by
-# an earlier run is resumed once.
-say "waiting for a job to run (srun -N1 -n1)"
-deadline=$((SECONDS + WAIT_S))
-resumed=
-jobid=
-while :; do
-    alive slurmd || fail "slurmd exited" slurmd slurmctld
-    alive slurmctld || fail "slurmctld exited" slurmctld
-    state=$(sinfo -h -n "$HOST" -o %T 2>/dev/null | head -n 1) || state=
-    if [[ -z $resumed && $state =~ ^(down|drain|drained|draining) ]]; then
-        say "node is $state ($(sinfo -h -n "$HOST" -o %E)): resuming it"
-        timeout 10 scontrol update NodeName="$HOST" State=RESUME || true
-        resumed=1
-    fi
-    if [[ $state == allocated ]]; then
-        # every CPU is busy with jobs: the node evidently runs them
-        jobid=$(squeue -h -t R -o %A | head -n 1)
-        [[ -n $jobid ]] && break
-    fi
-    if [[ $state == idle || $state == mixed ]]; then
-        # shellcheck disable=SC2016  # $SLURM_JOB_ID expands inside the job
-        out=$(timeout 20 srun -N1 -n1 -t 1 -J cluster-up-probe --quiet \
-            sh -c 'echo "probe-job=$SLURM_JOB_ID"' 2>&1) || true
-        if [[ $out =~ probe-job=([0-9]+) ]]; then
-            jobid=${BASH_REMATCH[1]}
-            break
+# sinfo may show a node idle before its slurmd has really reconnected: only a job that ran proves it. Each try
+# is bounded; a node left down or drained by an earlier run is resumed once.
+#
+# probe PARTITION N DAEMON:NODE...: wait until `srun -p PARTITION -N N -n N` runs on N different nodes (or all
+# of them are busy with jobs); sets probe_job to the job's id.
+probe() {
+    local partition=$1 count=$2; shift 2
+    local daemons=("${@%%:*}") nodes=("${@##*:}")
+    local deadline=$((SECONDS + WAIT_S)) resumed= state= out= daemon node i
+    say "waiting for a job to run on $partition (srun -N$count -n$count)"
+    probe_job=
+    while :; do
+        for daemon in "${daemons[@]}"; do
+            alive "$daemon" || fail "$daemon exited" "$daemon" slurmctld
+        done
+        alive slurmctld || fail "slurmctld exited" slurmctld
+        state=$(sinfo -h -p "$partition" -o %T 2>/dev/null | sort -u | tr '\n' ' ') || state=
+        if [[ -z $resumed && $state =~ (down|drain) ]]; then
+            for node in "${nodes[@]}"; do
+                say "node $node is $(sinfo -h -n "$node" -o '%T (%E)'): resuming it"
+                timeout 10 scontrol update NodeName="$node" State=RESUME || true
+            done
+            resumed=1
         fi
-    fi
-    ((SECONDS < deadline)) || fail "no job ran within ${WAIT_S}s (node state: ${state:-unknown}; last srun: ${out:-none})" slurmd slurmctld
-    sleep 1
-done
-say "job $jobid ran; waiting for sacct to report it"
+        if [[ $state == 'allocated ' ]]; then
+            # every CPU is busy with jobs: the nodes evidently run them
+            probe_job=$(squeue -h -p "$partition" -t R -o %A | head -n 1)
+            [[ -n $probe_job ]] && return 0
+        fi
+        if [[ $state =~ ^((idle|mixed) )+$ ]]; then
+            # shellcheck disable=SC2016  # the variables expand inside the job
+            out=$(timeout 20 srun -p "$partition" -N"$count" -n"$count" -t 1 -J cluster-up-probe --quiet \
+                sh -c 'echo "probe-job=$SLURM_JOB_ID on=$(hostname)"' 2>&1) || true
+            if [[ $out =~ probe-job=([0-9]+) ]] \
+                && (($(grep -o 'on=[^ ]*' <<<"$out" | sort -u | wc -l) == count)); then
+                probe_job=${BASH_REMATCH[1]}
+                return 0
+            fi
+        fi
+        ((SECONDS < deadline)) \
+            || fail "no job ran on $partition within ${WAIT_S}s (node states: ${state:-unknown}; last srun: ${out:-none})" \
+                "${daemons[@]}" slurmctld
+        sleep 1
+    done
+}
+probe "$PARTITION" 1 "slurmd:$HOST"
+jobid=$probe_job
+probe "$TWO_NODE_PARTITION" 2 "slurmd@${NET_NODES[0]}:${NET_NODES[0]}" "slurmd@${NET_NODES[1]}:${NET_NODES[1]}"
+say "jobs ran; waiting for sacct to report job $jobid"
 deadline=$((SECONDS + WAIT_S))
 until [[ $(timeout 10 sacct -n -X -P -o JobID -j "$jobid" 2>/dev/null) == *"$jobid"* ]]; do
     ((SECONDS < deadline)) || fail "sacct does not report job $jobid after ${WAIT_S}s" slurmdbd slurmctld
@@ -375,4 +460,4 @@ done
 
 cpus=$(sinfo -h -p "$PARTITION" -o %C | awk -F/ '{print $4}')
 say "ready in $((SECONDS - T0))s; state and logs in $STATE_DIR"
-echo "SLURM cluster up: partition $PARTITION, $cpus CPUs"
+echo "SLURM cluster up: partition $PARTITION, $cpus CPUs; partition $TWO_NODE_PARTITION, 2 nodes (${NET_NODES[*]})"
