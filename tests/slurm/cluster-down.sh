@@ -45,7 +45,7 @@ remove_node_network() {
             say "removing network namespace $node"
             ip netns del "$node" || status=1
         fi
-        ip link del "ddpm-veth${node#ddpm-node}" 2>/dev/null || true
+        ip link del "$(node_veth "$node")" 2>/dev/null || true
         rm -rf "/etc/netns/$node"
     done
     if ip link show "$BRIDGE" >/dev/null 2>&1; then

@@ -187,12 +187,11 @@ getent hosts "$HOST" >/dev/null || echo "127.0.0.1 $HOST" >>/etc/hosts
 # veth pair. Each node's /etc/hosts (/etc/netns/<node>/hosts, put in place of this host's for its slurmd below)
 # names both nodes and this host (the controller) by their bridge addresses, as a cluster's name service
 # would. Idempotent.
-node_address() { echo "$NODE_NET.1${1#ddpm-node}"; }
 ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
 ip addr replace "$NODE_NET.1/24" dev "$BRIDGE"
 ip link set "$BRIDGE" up
 for node in "${NET_NODES[@]}"; do
-    veth=ddpm-veth${node#ddpm-node}
+    veth=$(node_veth "$node")
     [[ -e /run/netns/$node ]] || ip netns add "$node"
     if ! ip -n "$node" link show eth0 >/dev/null 2>&1; then
         ip link del "$veth" 2>/dev/null || true
@@ -259,6 +258,10 @@ write_file() {
     mv -f "$tmp" "$path"
 }
 
+# The emulated nodes: the same hardware as this host, each at its own address and slurmd port.
+NET_NODE_LINES=$(for node in "${NET_NODES[@]}"; do
+    echo "NodeName=$node NodeAddr=$(node_address "$node") Port=$(node_port "$node") $NODE_HW RealMemory=$REAL_MEM State=UNKNOWN"
+done)
 slurm_conf_changed=
 # shellcheck disable=SC2015  # write_file returns 1 when nothing changed
 write_file "$CONF_DIR/slurm.conf" 644 <<EOF && slurm_conf_changed=1 || true
@@ -302,10 +305,9 @@ AccountingStorageHost=127.0.0.1
 AccountingStoragePort=6819
 JobCompType=jobcomp/none
 NodeName=$HOST NodeAddr=127.0.0.1 $NODE_HW RealMemory=$REAL_MEM State=UNKNOWN
-NodeName=${NET_NODES[0]} NodeAddr=$(node_address "${NET_NODES[0]}") Port=6821 $NODE_HW RealMemory=$REAL_MEM State=UNKNOWN
-NodeName=${NET_NODES[1]} NodeAddr=$(node_address "${NET_NODES[1]}") Port=6822 $NODE_HW RealMemory=$REAL_MEM State=UNKNOWN
+$NET_NODE_LINES
 PartitionName=$PARTITION Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
-PartitionName=$TWO_NODE_PARTITION Nodes=${NET_NODES[0]},${NET_NODES[1]} Default=NO MaxTime=INFINITE State=UP OverSubscribe=NO
+PartitionName=$TWO_NODE_PARTITION Nodes=$(IFS=,; echo "${NET_NODES[*]}") Default=NO MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
 
 # slurmdbd refuses a slurmdbd.conf that others can read: mode 600.

@@ -15,6 +15,10 @@ NODE_NET=${DDPM_SLURM_NODE_NET:-10.250.0}
 BRIDGE=ddpm-slurm0
 # shellcheck disable=SC2034
 NET_NODES=(ddpm-node1 ddpm-node2)
+node_number() { echo "${1#ddpm-node}"; }
+node_address() { echo "$NODE_NET.1$(node_number "$1")"; }
+node_veth() { echo "ddpm-veth$(node_number "$1")"; }
+node_port() { echo "682$(node_number "$1")"; }   # each node's slurmd port: 6821, 6822
 
 # A daemon is ours and alive if its recorded PID exists and still runs a process of that name (a recycled PID
 # is never mistaken for it, nor signalled). NAME@NODE is the daemon NAME of one of the emulated nodes.
