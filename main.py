@@ -13,11 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 # conf/paths/default.yaml places data and outputs relative to the project, wherever the command runs from.
 os.environ.setdefault("DDPM_PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
-from ddpm.cpu_share import use_cpu_share  # noqa: E402
-from ddpm.faults import explain, one_line, print_error  # noqa: E402
-from ddpm.run_directory import claim, launch_rank, release_all  # noqa: E402
-from ddpm.sweep_summary import after_sweep_job, clear_job_error, record_job_error  # noqa: E402
-from ddpm.validation import check_config  # noqa: E402
+from ddpm.config.faults import explain, one_line, print_error
+from ddpm.config.validation import check_config
+from ddpm.io.sweep_summary import after_sweep_job, clear_job_error, record_job_error
+from ddpm.runtime.cpu_share import use_cpu_share
+from ddpm.runtime.run_directory import claim, launch_rank, release_all
 
 log = logging.getLogger("ddpm")
 
@@ -44,8 +44,8 @@ def _renamed_keys(arguments: list[str]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
-    """Runs the task; every fault ddpm.faults recognizes ends in one line and exit status 1. Rank 0 holds the
-    run directory (ddpm.run_directory) until the task ends."""
+    """Runs the task; every fault ddpm.config.faults recognizes ends in one line and exit status 1. Rank 0 holds the
+    run directory (ddpm.runtime.run_directory) until the task ends."""
     task = hydra.utils.get_method(cfg.task._target_)
     hydra_config = HydraConfig.get()
     job_dir = hydra_config.runtime.output_dir
@@ -79,6 +79,8 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C outside the training steps (which stop at a step boundary instead)
-        print_error("interrupted by SIGINT: checkpoints and npz files written so far are intact (every write is "
-                    "atomic); run the same command to start again")  # fmt: skip
+        print_error(
+            "interrupted by SIGINT: checkpoints and npz files written so far are intact (every write is "
+            "atomic); run the same command to start again"
+        )
         sys.exit(130)

@@ -1,16 +1,22 @@
 """ddpm: Denoising Diffusion Probabilistic Models, configured with Hydra.
 
 The Python API: a network (`UNet`), a noise schedule (`*_betas`), the diffusion around them
-(`GaussianDiffusion`), the `EMA` of the weights, samplers in `ddpm.samplers`, and `load_diffusion`
+(`GaussianDiffusion`), the `EMA` of the weights, samplers in `ddpm.diffusion.samplers`, and `load_diffusion`
 for a trained checkpoint.
+
+The subpackages, each importing only those before it in this list (README: Layout):
+config -> runtime, io, model, data -> diffusion -> evaluation, training -> tasks.
 """
 
-from ddpm.build import build_diffusion, load_diffusion
-from ddpm.diffusion import GaussianDiffusion
-from ddpm.ema import EMA
-from ddpm.samplers import ddpm_ancestral
-from ddpm.schedules import cosine_betas, dns_betas, dnst_betas, linear_betas
-from ddpm.unet import UNet
+from ddpm.config.moves import install_moved_module_finder
+from ddpm.diffusion.build import build_diffusion, load_diffusion
+from ddpm.diffusion.gaussian import GaussianDiffusion
+from ddpm.diffusion.samplers import ddpm_ancestral
+from ddpm.diffusion.schedules import cosine_betas, dns_betas, dnst_betas, linear_betas
+from ddpm.model.ema import EMA
+from ddpm.model.unet import UNet
+
+install_moved_module_finder()
 
 __all__ = [
     "EMA",

@@ -6,12 +6,12 @@ One optimizer step of each side, from a batch already on the device to the EMA u
 
 * ours: the model, optimizer, EMA and fast paths that `python main.py` trains with (composed from `conf/` with
   Hydra, plus any overrides given on the command line), stepped by the trainer's own update,
-  `ddpm.update.UpdateStep` (autocast forward, backward, clip to trainer.grad_clip, the optimizer step skipped on
+  `ddpm.training.update.UpdateStep` (autocast forward, backward, clip to trainer.grad_clip, the optimizer step skipped on
   the device when non-finite, the EMA update), as `ddpm.tasks.benchmark` does.
 * diffusers: `diffusers.UNet2DModel` configured as the `google/ddpm-cifar10-32` architecture (built from the
   config in code; no weights are downloaded), wrapped in the same epsilon-prediction loss (our schedule's
   q_sample, MSE to the noise) and stepped by the very same `UpdateStep`, with an optimizer from the same
-  `optimizer` config node (so the same Adam, lr and fused setting), the same `ddpm.ema.EMA`
+  `optimizer` config node (so the same Adam, lr and fused setting), the same `ddpm.model.ema.EMA`
   (torch._foreach_lerp_ with trainer.ema_decay), the same autocast precision, channels_last layout and
   `module.compile()`. The only difference is the network.
 
@@ -65,18 +65,20 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the ddpm package of this checkout, also when it is not installed
 
-from ddpm.build import build_diffusion, build_optimizer
-from ddpm.diffusion import GaussianDiffusion, extract
-from ddpm.ema import EMA
-from ddpm.errors import UserError
-from ddpm.devices import configure_backends, resolve_device
-from ddpm.fast_paths import FastPaths, memory_format, prepare_network
-from ddpm.throughput import count_flops, device_name, synchronize
-from ddpm.train_settings import TrainSettings
-from ddpm.update import UpdateStep
-from ddpm.validation import build_settings
+from ddpm.config.errors import UserError
+from ddpm.config.validation import build_settings
+from ddpm.diffusion.build import build_diffusion
+from ddpm.diffusion.gaussian import GaussianDiffusion
+from ddpm.diffusion.objectives import extract
+from ddpm.model.ema import EMA
+from ddpm.runtime.devices import configure_backends, resolve_device
+from ddpm.runtime.fast_paths import FastPaths, memory_format, prepare_network
+from ddpm.runtime.throughput import count_flops, device_name, synchronize
+from ddpm.training.optimizer import build_optimizer
+from ddpm.training.settings import TrainSettings
+from ddpm.training.update import UpdateStep
 
-EXPECTED_PARAMETERS = 35_746_307  # ddpm.unet.UNet() at its defaults; printed for reference
+EXPECTED_PARAMETERS = 35_746_307  # ddpm.model.unet.UNet() at its defaults; printed for reference
 
 # google/ddpm-cifar10-32's config.json (diffusers UNet2DModel). attention_head_dim=None means one head of all
 # channels, as in the DDPM paper and in ours; the rest changes numerics (eps, padding side, embedding phase), not
@@ -112,31 +114,48 @@ def import_diffusers() -> Any:
         import diffusers
     except ImportError as error:
         raise SystemExit(
-            "compare_diffusers.py needs diffusers, which is not installed: pip install -e \".[bench]\" "
+            'compare_diffusers.py needs diffusers, which is not installed: pip install -e ".[bench]" '
             f"(or pip install 'diffusers>=0.27') ({error})"
         ) from error
     return diffusers
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
-                        help="autocast dtype of both sides (default: bf16 on CUDA where supported, else fp32)")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                        help="NHWC weights and activations on both sides (default: on CUDA only)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="module.compile() both networks (default: on CUDA only)")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default=None,
+        help="autocast dtype of both sides (default: bf16 on CUDA where supported, else fp32)",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="NHWC weights and activations on both sides (default: on CUDA only)",
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="module.compile() both networks (default: on CUDA only)",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per side, alternating")
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--attention", choices=("paper", "hub"), default="paper",
-                        help="paper (default): diffusers' up-path attention at 16x16, the DDPM paper's architecture "
-                             "and ours (equal FLOPs); hub: google/ddpm-cifar10-32's config.json as published, "
-                             "whose up-path attention runs at 8x8 (3.9%% fewer FLOPs)")  # fmt: skip
+    parser.add_argument(
+        "--attention",
+        choices=("paper", "hub"),
+        default="paper",
+        help="paper (default): diffusers' up-path attention at 16x16, the DDPM paper's architecture "
+        "and ours (equal FLOPs); hub: google/ddpm-cifar10-32's config.json as published, "
+        "whose up-path attention runs at 8x8 (3.9%% fewer FLOPs)",
+    )
     parser.add_argument("--profile", action="store_true", help="also profile one step of each side")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of this project's config, e.g. model.dropout=0.1")
@@ -173,14 +192,18 @@ class DiffusersLoss(nn.Module):
         self.unet = unet
         # Copies of the schedule (not the diffusion module, which would drag our network in as a submodule).
         self.register_buffer("sqrt_alphas_cumprod", diffusion.sqrt_alphas_cumprod.clone(), persistent=False)
-        self.register_buffer("sqrt_one_minus_alphas_cumprod", diffusion.sqrt_one_minus_alphas_cumprod.clone(),
-                             persistent=False)  # fmt: skip
+        self.register_buffer(
+            "sqrt_one_minus_alphas_cumprod", diffusion.sqrt_one_minus_alphas_cumprod.clone(), persistent=False
+        )
 
-    def forward(self, x0: torch.Tensor, labels: torch.Tensor | None, t: torch.Tensor,
-                noise: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self, x0: torch.Tensor, labels: torch.Tensor | None, t: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
         # q_sample's formula on the same buffers; the mean MSE is what diffusers' training example minimises.
-        x_t = (extract(self.sqrt_alphas_cumprod, t, x0.shape) * x0
-               + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise)  # fmt: skip
+        x_t = (
+            extract(self.sqrt_alphas_cumprod, t, x0.shape) * x0
+            + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise
+        )
         return F.mse_loss(self.unet(x_t, t).sample, noise)
 
 
@@ -212,12 +235,24 @@ class Side:
         return sum(p.numel() for p in self.network.parameters())
 
 
-def make_step(side: Side, diffusion: GaussianDiffusion, x: torch.Tensor, fast: FastPaths, device: torch.device,
-              settings: TrainSettings) -> Callable[[], None]:  # fmt: skip
+def make_step(
+    side: Side,
+    diffusion: GaussianDiffusion,
+    x: torch.Tensor,
+    fast: FastPaths,
+    device: torch.device,
+    settings: TrainSettings,
+) -> Callable[[], None]:
     """ddpm.tasks.benchmark's train_step for either side: batch on the device -> the trainer's UpdateStep (loss,
     gradients clipped, optimizer step skipped on the device when non-finite, EMA update)."""
-    update = UpdateStep(side.loss_module, side.optimizer, side.ema_update, fast=fast, device=device,
-                        max_grad_norm=settings.max_grad_norm)  # fmt: skip
+    update = UpdateStep(
+        side.loss_module,
+        side.optimizer,
+        side.ema_update,
+        fast=fast,
+        device=device,
+        max_grad_norm=settings.max_grad_norm,
+    )
     layout = memory_format(fast)
     batch = x.shape[0]
 
@@ -243,8 +278,16 @@ def flops_per_image(loss_module: nn.Module, diffusion: GaussianDiffusion, device
     return flops
 
 
-def time_rounds(sides: list[Side], steps: dict[str, Callable[[], None]], device: torch.device, *, rounds: int,
-                steps_per_round: int, warmup: int, quiet: bool) -> None:  # fmt: skip
+def time_rounds(
+    sides: list[Side],
+    steps: dict[str, Callable[[], None]],
+    device: torch.device,
+    *,
+    rounds: int,
+    steps_per_round: int,
+    warmup: int,
+    quiet: bool,
+) -> None:
     """Warm-up, then rounds A B A B ...: each round runs `steps_per_round` steps of one side between two device
     drains, so no queued work of one side is billed to the other."""
     for side in sides:
@@ -262,8 +305,10 @@ def time_rounds(sides: list[Side], steps: dict[str, Callable[[], None]], device:
             side.round_cpu_seconds.append(time.process_time() - cpu_start)
             if not quiet:
                 wall, cpu = (t[-1] / steps_per_round * 1e3 for t in (side.round_seconds, side.round_cpu_seconds))
-                print(f"round {index + 1}/{rounds} {side.name:>9}: {wall:9.1f} ms/step (CPU time {cpu:9.1f} ms/step)",
-                      flush=True)  # fmt: skip
+                print(
+                    f"round {index + 1}/{rounds} {side.name:>9}: {wall:9.1f} ms/step (CPU time {cpu:9.1f} ms/step)",
+                    flush=True,
+                )
 
 
 def profile_step(name: str, step: Callable[[], None], device: torch.device, rows: int = 20) -> str:
@@ -296,23 +341,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Ours: exactly what main.py trains.
     torch.manual_seed(settings.seed)
     diffusion = build_diffusion(cfg).to(device)
-    ours = Side("ours", diffusion, diffusion.model, build_optimizer(cfg, diffusion.model.parameters()),
-                diffusion.update_ema, torch.Generator(device).manual_seed(settings.seed), [], [])  # fmt: skip
+    ours = Side(
+        "ours",
+        diffusion,
+        diffusion.model,
+        build_optimizer(cfg, diffusion.model.parameters()),
+        diffusion.update_ema,
+        torch.Generator(device).manual_seed(settings.seed),
+        [],
+        [],
+    )
 
     # diffusers: the same loss, optimizer node, EMA class and settings around a different network.
     torch.manual_seed(settings.seed)
     unet = build_diffusers_unet(float(cfg.model.dropout), args.attention == "paper").to(device)
-    theirs_ema = (EMA(unet, decay=settings.ema_decay, start=settings.ema_start, update_rate=settings.ema_update_rate)
-                  if settings.use_ema else None)  # fmt: skip
-    theirs = Side("diffusers", DiffusersLoss(unet, diffusion).to(device), unet,
-                  build_optimizer(cfg, unet.parameters()),
-                  (lambda: theirs_ema.update(unet)) if theirs_ema is not None else (lambda: None),
-                  torch.Generator(device).manual_seed(settings.seed), [], [])  # fmt: skip
+    theirs_ema = (
+        EMA(unet, decay=settings.ema_decay, start=settings.ema_start, update_rate=settings.ema_update_rate)
+        if settings.use_ema
+        else None
+    )
+    theirs = Side(
+        "diffusers",
+        DiffusersLoss(unet, diffusion).to(device),
+        unet,
+        build_optimizer(cfg, unet.parameters()),
+        (lambda: theirs_ema.update(unet)) if theirs_ema is not None else (lambda: None),
+        torch.Generator(device).manual_seed(settings.seed),
+        [],
+        [],
+    )
     sides = [ours, theirs]
 
     if ours.parameters != theirs.parameters:
-        raise SystemExit(f"parameter counts differ: ours {ours.parameters:,} vs diffusers {theirs.parameters:,}; "
-                         "the comparison would not be of the same model (check the model.* overrides)")  # fmt: skip
+        raise SystemExit(
+            f"parameter counts differ: ours {ours.parameters:,} vs diffusers {theirs.parameters:,}; "
+            "the comparison would not be of the same model (check the model.* overrides)"
+        )
     # FLOPs are a property of the architecture: counted eagerly, before channels_last and compile.
     flops = {side.name: flops_per_image(side.loss_module, diffusion, device) for side in sides}
 
@@ -320,22 +384,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prepare_network(network, fast)
         if ema is not None:
             prepare_network(ema.module, fast)  # as the trainer does (compiling is lazy: sampling never runs here)
-    x = (torch.rand(args.batch_size, diffusion.channels, diffusion.image_size, diffusion.image_size,
-                    generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)  # fmt: skip
+    x = (
+        torch.rand(
+            args.batch_size,
+            diffusion.channels,
+            diffusion.image_size,
+            diffusion.image_size,
+            generator=torch.Generator().manual_seed(0),
+        )
+        * 2
+        - 1
+    ).to(device)
     x = x.contiguous(memory_format=memory_format(fast))
     for side in sides:
         side.network.train()
     steps = {side.name: make_step(side, diffusion, x, fast, device, settings) for side in sides}
 
     if not args.json:
-        print(f"device {device_name(device)}; {fast.describe()}; optimizer "
-              f"{type(ours.optimizer).__name__} fused={bool(ours.optimizer.defaults.get('fused'))}; "
-              f"EMA {'on' if settings.use_ema else 'off'}; batch {args.batch_size}; load {load_before}")  # fmt: skip
-        print(f"parameters: ours {ours.parameters:,}, diffusers {theirs.parameters:,} "
-              f"(ddpm.unet.UNet() defaults: {EXPECTED_PARAMETERS:,})")
+        print(
+            f"device {device_name(device)}; {fast.describe()}; optimizer "
+            f"{type(ours.optimizer).__name__} fused={bool(ours.optimizer.defaults.get('fused'))}; "
+            f"EMA {'on' if settings.use_ema else 'off'}; batch {args.batch_size}; load {load_before}"
+        )
+        print(
+            f"parameters: ours {ours.parameters:,}, diffusers {theirs.parameters:,} "
+            f"(ddpm.model.unet.UNet() defaults: {EXPECTED_PARAMETERS:,})"
+        )
         print(f"training GFLOP/image: ours {flops['ours'] / 1e9:.3f}, diffusers {flops['diffusers'] / 1e9:.3f}")
-    time_rounds(sides, steps, device, rounds=args.rounds, steps_per_round=args.steps_per_round, warmup=args.warmup,
-                quiet=args.json)  # fmt: skip
+    time_rounds(
+        sides,
+        steps,
+        device,
+        rounds=args.rounds,
+        steps_per_round=args.steps_per_round,
+        warmup=args.warmup,
+        quiet=args.json,
+    )
 
     result = summarize(args, sides, device, fast, settings, flops, load_before)
     if not args.json:
@@ -348,9 +432,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def summarize(
-    args: argparse.Namespace, sides: list[Side], device: torch.device, fast: FastPaths, settings: TrainSettings,
-    flops: dict[str, float], load_before: tuple[float, ...],
-) -> dict[str, Any]:  # fmt: skip
+    args: argparse.Namespace,
+    sides: list[Side],
+    device: torch.device,
+    fast: FastPaths,
+    settings: TrainSettings,
+    flops: dict[str, float],
+    load_before: tuple[float, ...],
+) -> dict[str, Any]:
     """Everything a reader needs to judge the numbers, as one JSON-able dict."""
     per_step = {s.name: [r / args.steps_per_round for r in s.round_seconds] for s in sides}
     median_ms = {name: statistics.median(v) * 1e3 for name, v in per_step.items()}
@@ -358,7 +447,7 @@ def summarize(
     # the steadier measure (with more threads it also counts threads spinning while a peer is descheduled).
     cpu_ms = {s.name: statistics.median(s.round_cpu_seconds) / args.steps_per_round * 1e3 for s in sides}
     ours, theirs = per_step["ours"], per_step["diffusers"]
-    round_ratios = [b / a for a, b in zip(ours, theirs)]
+    round_ratios = [b / a for a, b in zip(ours, theirs, strict=True)]
     return {
         "device": device_name(device),
         "host": platform.node(),
@@ -408,14 +497,20 @@ def format_summary(result: dict[str, Any]) -> str:
         "(median)"
         for name in ("ours", "diffusers")
     ]
-    return "\n".join([
-        *sides,
-        (f"ratio (diffusers time / our time, > 1 = ours faster): {result['ratio']:.3f}x; per round: {rounds} "
-         f"(median {result['ratio_median_of_rounds']:.3f}x)"),
-        (f"CPU time: ours {result['cpu_ms_per_step_ours']:.1f} ms/step, diffusers "
-         f"{result['cpu_ms_per_step_diffusers']:.1f} ms/step (median), ratio {result['cpu_ratio']:.3f}x"),
-        f"load average before {result['load_avg_before']}, after {result['load_avg_after']}",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            *sides,
+            (
+                f"ratio (diffusers time / our time, > 1 = ours faster): {result['ratio']:.3f}x; per round: {rounds} "
+                f"(median {result['ratio_median_of_rounds']:.3f}x)"
+            ),
+            (
+                f"CPU time: ours {result['cpu_ms_per_step_ours']:.1f} ms/step, diffusers "
+                f"{result['cpu_ms_per_step_diffusers']:.1f} ms/step (median), ratio {result['cpu_ratio']:.3f}x"
+            ),
+            f"load average before {result['load_avg_before']}, after {result['load_avg_after']}",
+        ]
+    )
 
 
 def user_error(error: BaseException | None) -> UserError | None:

@@ -1,5 +1,5 @@
 """This project's samplers against diffusers' schedulers on the same function, for the objectives of
-`ddpm.objectives`: v-prediction DDIM and ancestral steps with learned-range variances (respaced).
+`ddpm.diffusion.objectives`: v-prediction DDIM and ancestral steps with learned-range variances (respaced).
 
     pip install -e ".[bench]"          # diffusers
     python experiments/compare_diffusers_objectives.py [--steps 50] [--respaced-steps 25]
@@ -13,7 +13,7 @@ float64 ones), which compares the formulas alone. It exits 1 when a float64 diff
 DDIM: diffusers' DDIMScheduler visits t = k * (T // steps) ("leading" spacing, the last step to alpha_bar = 1),
 ours T-1 .. 0 evenly spaced; on the first (steps - 1) * (T // steps) + 1 timesteps of the schedule ours visits
 exactly diffusers' timesteps, so the comparison runs there. Ancestral: DDPMScheduler with custom timesteps (ours,
-`ddpm.samplers.spaced_timesteps`) and variance_type="learned_range", fed the same per-step noise.
+`ddpm.diffusion.samplers.spaced_timesteps`) and variance_type="learned_range", fed the same per-step noise.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import sys
 
 import torch
 
-from ddpm.objectives import denoiser
-from ddpm.samplers import ddim, ddpm_ancestral, spaced_timesteps
+from ddpm.diffusion.objectives import denoiser
+from ddpm.diffusion.samplers import ddim, ddpm_ancestral, spaced_timesteps
 
 
 def random_function(channels: int, seed: int = 0):
@@ -51,12 +51,16 @@ def in_float64(scheduler) -> None:
         scheduler.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
 
 
-def compare(name: str, dtype: torch.dtype, ours: list[torch.Tensor], theirs: list[torch.Tensor], tolerance: float) -> bool:
-    steps = max((a - b).abs().max().item() for a, b in zip(ours, theirs))
+def compare(
+    name: str, dtype: torch.dtype, ours: list[torch.Tensor], theirs: list[torch.Tensor], tolerance: float
+) -> bool:
+    steps = max((a - b).abs().max().item() for a, b in zip(ours, theirs, strict=True))
     final = (ours[-1] - theirs[-1]).abs().max().item()
     ok = len(ours) == len(theirs) and (steps <= tolerance or dtype != torch.float64)
     verdict = "ok" if ok and dtype == torch.float64 else ("as shipped" if ok else "DIFFERENT")
-    print(f"{name}, {str(dtype)[6:]}: {len(ours)} steps, max |diff| final {final:.3g}, any step {steps:.3g} -> {verdict}")
+    print(
+        f"{name}, {str(dtype)[6:]}: {len(ours)} steps, max |diff| final {final:.3g}, any step {steps:.3g} -> {verdict}"
+    )
     return ok
 
 
@@ -65,8 +69,15 @@ def v_prediction_ddim(steps: int, tolerance: float, dtype: torch.dtype) -> bool:
 
     num_train = 1000
     truncated = (steps - 1) * (num_train // steps) + 1
-    scheduler = DDIMScheduler(num_train_timesteps=num_train, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                              prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=True)  # fmt: skip
+    scheduler = DDIMScheduler(
+        num_train_timesteps=num_train,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        prediction_type="v_prediction",
+        clip_sample=False,
+        set_alpha_to_one=True,
+    )
     scheduler.set_timesteps(steps)
     if dtype == torch.float64:
         in_float64(scheduler)
@@ -75,8 +86,15 @@ def v_prediction_ddim(steps: int, tolerance: float, dtype: torch.dtype) -> bool:
     x_T = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=dtype)
 
     ours_states = []
-    ddim(denoiser(network, "v", betas), x_T, betas, steps=steps, eta=0.0, clip_denoised=False,
-         callback=lambda state: ours_states.append(state["x"]))  # fmt: skip
+    ddim(
+        denoiser(network, "v", betas),
+        x_T,
+        betas,
+        steps=steps,
+        eta=0.0,
+        clip_denoised=False,
+        callback=lambda state: ours_states.append(state["x"]),
+    )
     expected = spaced_timesteps(truncated, steps)
     if scheduler.timesteps.tolist() != expected:
         print(f"timesteps differ: diffusers {scheduler.timesteps.tolist()[:5]}..., ours {expected[:5]}...")
@@ -92,8 +110,15 @@ def learned_range_ancestral(steps: int, tolerance: float, dtype: torch.dtype) ->
     from diffusers import DDPMScheduler
 
     num_train = 1000
-    scheduler = DDPMScheduler(num_train_timesteps=num_train, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                              variance_type="learned_range", prediction_type="epsilon", clip_sample=False)  # fmt: skip
+    scheduler = DDPMScheduler(
+        num_train_timesteps=num_train,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        variance_type="learned_range",
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
     timesteps = spaced_timesteps(num_train, steps)
     scheduler.set_timesteps(timesteps=timesteps)
     if dtype == torch.float64:
@@ -102,8 +127,14 @@ def learned_range_ancestral(steps: int, tolerance: float, dtype: torch.dtype) ->
     x_T = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2), dtype=dtype)
 
     ours_states = []
-    ddpm_ancestral(denoiser(network, "eps", scheduler.betas, learned_variance=True), x_T, scheduler.betas, steps=steps,
-                   generator=torch.Generator().manual_seed(3), callback=lambda state: ours_states.append(state["x"]))  # fmt: skip
+    ddpm_ancestral(
+        denoiser(network, "eps", scheduler.betas, learned_variance=True),
+        x_T,
+        scheduler.betas,
+        steps=steps,
+        generator=torch.Generator().manual_seed(3),
+        callback=lambda state: ours_states.append(state["x"]),
+    )
     theirs, x, generator = [], x_T.clone(), torch.Generator().manual_seed(3)
     for t in scheduler.timesteps:
         x = scheduler.step(network(x, t.repeat(x.shape[0])), t, x, generator=generator).prev_sample
@@ -120,9 +151,11 @@ def main() -> int:
     results = [
         check(args.tolerance, dtype)
         for dtype in (torch.float32, torch.float64)
-        for check in (lambda tol, dt: v_prediction_ddim(args.steps, tol, dt),
-                      lambda tol, dt: learned_range_ancestral(args.respaced_steps, tol, dt),
-                      lambda tol, dt: learned_range_ancestral(1000, tol, dt))  # fmt: skip
+        for check in (
+            lambda tol, dt: v_prediction_ddim(args.steps, tol, dt),
+            lambda tol, dt: learned_range_ancestral(args.respaced_steps, tol, dt),
+            lambda tol, dt: learned_range_ancestral(1000, tol, dt),
+        )
     ]
     return 0 if all(results) else 1
 

@@ -37,6 +37,18 @@ def group_options(group: str) -> list[str]:
     return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
 
 
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """A class-conditional run (the quickstart's use_labels=true) and an unconditional one, trained once per
+    session for every test that reads them (none may change them: the tests that run commands on them check)."""
+    from main_in_process import train_tiny_run  # it imports this module
+
+    return {
+        "cond_run": train_tiny_run(tmp_path_factory.mktemp("cond_run")),
+        "uncond_run": train_tiny_run(tmp_path_factory.mktemp("uncond_run"), "trainer.use_labels=false"),
+    }
+
+
 @pytest.fixture
 def compose_cfg():
     return compose_config
@@ -52,8 +64,9 @@ def user_environment() -> dict[str, str]:
 def run_main(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python main.py ARGS...` in a subprocess, as a user runs it; raises with its output if it fails."""
     env = user_environment()
-    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "main.py"), *args], capture_output=True,
-                            text=True, env=env, timeout=timeout)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "main.py"), *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"main.py {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result

@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra.core.global_hydra import GlobalHydra
-
 from conftest import PROJECT_ROOT, TINY_QUICKSTART
+from hydra.core.global_hydra import GlobalHydra
 
 # The runs the cases work against: a tiny version of experiment=quickstart (digits, CPU), 2 steps.
 RUN = [
@@ -84,15 +83,6 @@ def train_tiny_run(run_dir: Path, *overrides: str) -> Path:
         run()
     assert (run_dir / "checkpoints" / "last.pt").is_file(), f"the tiny training run in {run_dir} wrote no last.pt"
     return run_dir
-
-
-@pytest.fixture(scope="session")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """A class-conditional run (the quickstart's use_labels=true) and an unconditional one."""
-    return {
-        "cond_run": train_tiny_run(tmp_path_factory.mktemp("cond_run")),
-        "uncond_run": train_tiny_run(tmp_path_factory.mktemp("uncond_run"), "trainer.use_labels=false"),
-    }
 
 
 def checkpoint_files(runs: dict[str, Path]) -> dict[str, tuple[str, int]]:

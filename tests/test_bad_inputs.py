@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PROJECT_ROOT, user_environment
+from main_in_process import PLOT, RUN, SAMPLE, checkpoint_files, command, run_main_in_process
 from PIL import Image
 
-from conftest import PROJECT_ROOT, user_environment
-from ddpm.checkpoint import save_checkpoint
-from main_in_process import PLOT, RUN, SAMPLE, checkpoint_files, command, run_main_in_process, runs  # noqa: F401 (runs: a fixture)
+from ddpm.io.checkpoint import save_checkpoint
+
 
 def case(base: list[str], overrides: list[str], *expected: str, id: str, resume: str | None = None):
     """One bad command: `base` with `overrides` added or replacing the same keys, and the substrings its
@@ -46,98 +47,237 @@ CASES = [
     # trainer: out of range and wrong types.
     case(RUN, ["trainer.iterations=0"], "trainer.iterations=0 must be >= 1", id="trainer-iterations-zero"),
     case(RUN, ["trainer.batch_size=5000"], "trainer.batch_size=5000", "training set", id="trainer-batch-size-too-big"),
-    case(RUN, ["trainer.iterations=many"], "trainer.iterations='many' must be of type int", id="trainer-iterations-str"),
-    case(RUN, ["trainer.iterations=[1,2]"], "trainer.iterations=[1, 2] must be of type int", id="trainer-iterations-list"),
+    case(
+        RUN, ["trainer.iterations=many"], "trainer.iterations='many' must be of type int", id="trainer-iterations-str"
+    ),
+    case(
+        RUN, ["trainer.iterations=[1,2]"], "trainer.iterations=[1, 2] must be of type int", id="trainer-iterations-list"
+    ),
     case(RUN, ["trainer.ema_decay=1.5"], "trainer.ema_decay=1.5 must be in [0, 1)", id="trainer-ema-decay"),
     case(RUN, ["trainer.loss_type=l3"], "trainer.loss_type='l3'", id="trainer-loss-type"),
-    case(RUN, ["trainer.keep_checkpoints=-1"], "trainer.keep_checkpoints=-1 must be >= 0", id="trainer-keep-checkpoints"),
+    case(
+        RUN, ["trainer.keep_checkpoints=-1"], "trainer.keep_checkpoints=-1 must be >= 0", id="trainer-keep-checkpoints"
+    ),
     case(RUN, ["trainer.skip_nonfinite=-1"], "trainer.skip_nonfinite=-1 must be >= 0", id="trainer-skip-nonfinite"),
     case(RUN, ["trainer.device=tpu"], "trainer.device='tpu' is not a device", id="trainer-device-unknown"),
     # cuda:99 exists on no machine: without CUDA it is refused as unavailable, with CUDA as a missing index.
     case(RUN, ["trainer.device=cuda:99"], "trainer.device='cuda:99'", id="trainer-device-unavailable"),
     # trainer.resume: a missing file, a file that is not a checkpoint, a run of another model.
-    case(RUN, ["trainer.resume={tmp}/missing.pt"], "trainer.resume={tmp}/missing.pt does not exist",
-         id="resume-missing-path"),  # fmt: skip
-    case(RUN, ["trainer.resume={state_dict}"], "trainer.resume={state_dict} is not a ddpm checkpoint",
-         id="resume-not-a-checkpoint"),  # fmt: skip
-    case(RUN, ["model.base_channels=16"], "model.base_channels=16", "model.base_channels=8",
-         id="resume-with-changed-model"),  # fmt: skip
+    case(
+        RUN,
+        ["trainer.resume={tmp}/missing.pt"],
+        "trainer.resume={tmp}/missing.pt does not exist",
+        id="resume-missing-path",
+    ),
+    case(
+        RUN,
+        ["trainer.resume={state_dict}"],
+        "trainer.resume={state_dict} is not a ddpm checkpoint",
+        id="resume-not-a-checkpoint",
+    ),
+    case(
+        RUN,
+        ["model.base_channels=16"],
+        "model.base_channels=16",
+        "model.base_channels=8",
+        id="resume-with-changed-model",
+    ),
     # model: out of range and wrong types (trainer.resume=never: the model's own checks, not the resume check).
-    case(RUN, ["model.base_channels=7"], "model.base_channels=7 must be a positive even number", resume="never",
-         id="model-base-channels-odd"),  # fmt: skip
+    case(
+        RUN,
+        ["model.base_channels=7"],
+        "model.base_channels=7 must be a positive even number",
+        resume="never",
+        id="model-base-channels-odd",
+    ),
     case(RUN, ["model.dropout=1.5"], "model.dropout=1.5 must be in [0, 1)", resume="never", id="model-dropout"),
     case(RUN, ["model.norm=batch"], "model.norm='batch' is not one of", resume="never", id="model-norm"),
-    case(RUN, ["model.channel_mults=[]"], "model.channel_mults=[] must be a non-empty list", resume="never",
-         id="model-channel-mults-empty"),  # fmt: skip
+    case(
+        RUN,
+        ["model.channel_mults=[]"],
+        "model.channel_mults=[] must be a non-empty list",
+        resume="never",
+        id="model-channel-mults-empty",
+    ),
     case(RUN, ["model.base_channels=abc"], "model.base_channels='abc'", resume="never", id="model-base-channels-str"),
     # schedule: out of range and wrong types.
-    case(RUN, ["schedule.num_timesteps=0"], "schedule.num_timesteps=0", ">= 1", resume="never",
-         id="schedule-num-timesteps-zero"),  # fmt: skip
-    case(RUN, ["schedule=cosine", "schedule.max_beta=1.5"], "schedule.max_beta=1.5 must be in (0, 1)",
-         resume="never", id="schedule-cosine-max-beta"),  # fmt: skip
-    case(RUN, ["schedule.num_timesteps=ten"], "schedule.num_timesteps='ten'", resume="never",
-         id="schedule-num-timesteps-str"),  # fmt: skip
+    case(
+        RUN,
+        ["schedule.num_timesteps=0"],
+        "schedule.num_timesteps=0",
+        ">= 1",
+        resume="never",
+        id="schedule-num-timesteps-zero",
+    ),
+    case(
+        RUN,
+        ["schedule=cosine", "schedule.max_beta=1.5"],
+        "schedule.max_beta=1.5 must be in (0, 1)",
+        resume="never",
+        id="schedule-cosine-max-beta",
+    ),
+    case(
+        RUN,
+        ["schedule.num_timesteps=ten"],
+        "schedule.num_timesteps='ten'",
+        resume="never",
+        id="schedule-num-timesteps-str",
+    ),
     case(PLOT, ["schedule.low=-0.1"], "schedule.low=-0.1 must be >= 0", id="plot-schedules-low-negative"),
     # optimizer: out of range and wrong types.
     case(RUN, ["optimizer.lr=-1"], "optimizer.lr=-1 must be a finite number > 0", id="optimizer-lr-negative"),
     case(RUN, ["optimizer.lr=fast"], "optimizer.lr='fast' must be a finite number > 0", id="optimizer-lr-str"),
     case(RUN, ["optimizer.betas=[0.9]"], "optimizer.betas=[0.9] must be two numbers", id="optimizer-betas-one"),
-    case(RUN, ["optimizer=adamw", "optimizer.weight_decay=-0.1"], "optimizer.weight_decay=-0.1 must be a finite number",
-         id="optimizer-adamw-weight-decay"),  # fmt: skip
+    case(
+        RUN,
+        ["optimizer=adamw", "optimizer.weight_decay=-0.1"],
+        "optimizer.weight_decay=-0.1 must be a finite number",
+        id="optimizer-adamw-weight-decay",
+    ),
     # dataset: digits, folder and cifar10.
     case(RUN, ["dataset.image_size=4"], "dataset.image_size=4 must be >= 8", id="digits-image-size"),
     case(RUN, ["dataset.image_size=big"], "dataset.image_size='big'", id="digits-image-size-str"),
     case(RUN, ["dataset=folder"], "dataset.path must be given a value", id="folder-path-missing"),
-    case(RUN, ["dataset=folder", "dataset.path={tmp}/nowhere"], "dataset.path={tmp}/nowhere is not a directory",
-         id="folder-path-nonexistent"),  # fmt: skip
-    case(RUN, ["dataset=folder", "dataset.path={empty_dir}"], "dataset.path={empty_dir} holds no images",
-         id="folder-empty"),  # fmt: skip
-    case(RUN, ["dataset=folder", "dataset.path={notes_dir}"], "dataset.path={notes_dir}", "notes.txt",
-         id="folder-non-image-file"),  # fmt: skip
-    case(RUN, ["dataset=folder", "dataset.path={fake_png_dir}"], "dataset.path={fake_png_dir}", "fake.png",
-         "is not a readable image", id="folder-corrupt-png"),  # fmt: skip
-    case(RUN, ["dataset=cifar10", "paths.data_dir={empty_dir}", "dataset.download=false"],
-         "dataset.root={empty_dir}", "cifar-10-python.tar.gz", id="cifar10-missing-data"),  # fmt: skip
+    case(
+        RUN,
+        ["dataset=folder", "dataset.path={tmp}/nowhere"],
+        "dataset.path={tmp}/nowhere is not a directory",
+        id="folder-path-nonexistent",
+    ),
+    case(
+        RUN,
+        ["dataset=folder", "dataset.path={empty_dir}"],
+        "dataset.path={empty_dir} holds no images",
+        id="folder-empty",
+    ),
+    case(
+        RUN,
+        ["dataset=folder", "dataset.path={notes_dir}"],
+        "dataset.path={notes_dir}",
+        "notes.txt",
+        id="folder-non-image-file",
+    ),
+    case(
+        RUN,
+        ["dataset=folder", "dataset.path={fake_png_dir}"],
+        "dataset.path={fake_png_dir}",
+        "fake.png",
+        "is not a readable image",
+        id="folder-corrupt-png",
+    ),
+    case(
+        RUN,
+        ["dataset=cifar10", "paths.data_dir={empty_dir}", "dataset.download=false"],
+        "dataset.root={empty_dir}",
+        "cifar-10-python.tar.gz",
+        id="cifar10-missing-data",
+    ),
     # logger: refused before wandb starts (the test checks that no wandb/ folder appears).
     case(RUN, ["logger=wandb", "logger.mode=onlin"], "logger.mode='onlin' is not one of", id="wandb-mode"),
     case(RUN, ["trainer.precision=fp8"], "trainer.precision='fp8' is not one of", id="trainer-precision"),
-    case(RUN, ["trainer.device=cpu", "trainer.precision=fp16"], "trainer.precision=fp16 needs a CUDA device",
-         id="trainer-precision-fp16-on-cpu"),
+    case(
+        RUN,
+        ["trainer.device=cpu", "trainer.precision=fp16"],
+        "trainer.precision=fp16 needs a CUDA device",
+        id="trainer-precision-fp16-on-cpu",
+    ),
     case(RUN, ["trainer.compile=maybe"], "trainer.compile='maybe' must be of type", id="trainer-compile"),
     case(RUN, ["optimizer.fused=yes"], "optimizer.fused='yes' must be true, false or null", id="optimizer-fused"),
-    case(RUN, ["task=benchmark", "benchmark.batch_size=0"], "benchmark.batch_size=0 must be >= 1",
-         id="benchmark-batch-size"),
+    case(
+        RUN,
+        ["task=benchmark", "benchmark.batch_size=0"],
+        "benchmark.batch_size=0 must be >= 1",
+        id="benchmark-batch-size",
+    ),
     # task=sample: checkpoint, labels, settings, and a command line that contradicts the checkpoint.
     case(SAMPLE, [], "task=sample needs checkpoint=PATH", id="sample-no-checkpoint"),
-    case(SAMPLE, ["checkpoint={tmp}/missing.pt"], "checkpoint={tmp}/missing.pt does not exist",
-         id="sample-checkpoint-missing"),  # fmt: skip
-    case(SAMPLE, ["checkpoint={text_file}"], "checkpoint={text_file} is not a checkpoint: it holds text",
-         id="sample-checkpoint-text-file"),  # fmt: skip
-    case(SAMPLE, ["checkpoint={state_dict}"], "checkpoint={state_dict} is not a ddpm checkpoint",
-         id="sample-checkpoint-plain-state-dict"),  # fmt: skip
+    case(
+        SAMPLE,
+        ["checkpoint={tmp}/missing.pt"],
+        "checkpoint={tmp}/missing.pt does not exist",
+        id="sample-checkpoint-missing",
+    ),
+    case(
+        SAMPLE,
+        ["checkpoint={text_file}"],
+        "checkpoint={text_file} is not a checkpoint: it holds text",
+        id="sample-checkpoint-text-file",
+    ),
+    case(
+        SAMPLE,
+        ["checkpoint={state_dict}"],
+        "checkpoint={state_dict} is not a ddpm checkpoint",
+        id="sample-checkpoint-plain-state-dict",
+    ),
     case(SAMPLE, ["checkpoint={corrupted}"], "checkpoint={corrupted} is corrupted", id="sample-checkpoint-corrupted"),
-    case(SAMPLE, ["checkpoint={other_model}"], "checkpoint={other_model}", "weights are not those of the model",
-         id="sample-checkpoint-of-another-model"),  # fmt: skip
-    case(SAMPLE, ["checkpoint={cond}", "model.base_channels=32"], "model.base_channels=32", "model.base_channels=8",
-         id="sample-model-override-differs"),  # fmt: skip
-    case(SAMPLE, ["checkpoint={uncond}", "sample.labels=[3]"], "sample.labels=[3]", "trained without labels",
-         id="sample-labels-from-unconditional"),  # fmt: skip
-    case(SAMPLE, ["checkpoint={cond}", "sample.labels=[3,12]"], "sample.labels=[3, 12]", "[12] not in 0..9",
-         id="sample-label-out-of-range"),  # fmt: skip
+    case(
+        SAMPLE,
+        ["checkpoint={other_model}"],
+        "checkpoint={other_model}",
+        "weights are not those of the model",
+        id="sample-checkpoint-of-another-model",
+    ),
+    case(
+        SAMPLE,
+        ["checkpoint={cond}", "model.base_channels=32"],
+        "model.base_channels=32",
+        "model.base_channels=8",
+        id="sample-model-override-differs",
+    ),
+    case(
+        SAMPLE,
+        ["checkpoint={uncond}", "sample.labels=[3]"],
+        "sample.labels=[3]",
+        "trained without labels",
+        id="sample-labels-from-unconditional",
+    ),
+    case(
+        SAMPLE,
+        ["checkpoint={cond}", "sample.labels=[3,12]"],
+        "sample.labels=[3, 12]",
+        "[12] not in 0..9",
+        id="sample-label-out-of-range",
+    ),
     case(SAMPLE, ["checkpoint={cond}", "sample.labels=three"], "sample.labels='three'", id="sample-labels-str"),
-    case(SAMPLE, ["checkpoint={cond}", "sample.precision=half"], "sample.precision='half' is not one of",
-         id="sample-precision"),  # fmt: skip
-    case(SAMPLE, ["checkpoint={cond}", "sample.num_images=0"], "sample.num_images=0 must be >= 1",
-         id="sample-num-images-zero"),  # fmt: skip
-    case(SAMPLE, ["checkpoint={cond}", "sample.batch_size=abc"], "sample.batch_size='abc' must be of type int",
-         id="sample-batch-size-str"),  # fmt: skip
+    case(
+        SAMPLE,
+        ["checkpoint={cond}", "sample.precision=half"],
+        "sample.precision='half' is not one of",
+        id="sample-precision",
+    ),
+    case(
+        SAMPLE,
+        ["checkpoint={cond}", "sample.num_images=0"],
+        "sample.num_images=0 must be >= 1",
+        id="sample-num-images-zero",
+    ),
+    case(
+        SAMPLE,
+        ["checkpoint={cond}", "sample.batch_size=abc"],
+        "sample.batch_size='abc' must be of type int",
+        id="sample-batch-size-str",
+    ),
     case(SAMPLE, ["checkpoint={cond}", "sample.device=tpu"], "sample.device='tpu'", id="sample-device-unknown"),
-    case(SAMPLE, ["checkpoint={cond}", "sampler.guidance_scale=2.0"], "sampler.guidance_scale=2.0 needs",
-         "trainer.label_dropout > 0", id="sample-guidance-without-label-dropout"),  # fmt: skip
-    case(SAMPLE, ["checkpoint={cond}", "sampler=ddim", "sampler.steps=500"], "sampler.steps=500",
-         id="sample-ddim-more-steps-than-timesteps"),  # fmt: skip
-    case(RUN, ["trainer.early_stop_metric=fid"], "trainer.early_stop_metric=fid", "trainer.eval_rate",
-         id="trainer-early-stop-fid-without-evaluations"),  # fmt: skip
+    case(
+        SAMPLE,
+        ["checkpoint={cond}", "sampler.guidance_scale=2.0"],
+        "sampler.guidance_scale=2.0 needs",
+        "trainer.label_dropout > 0",
+        id="sample-guidance-without-label-dropout",
+    ),
+    case(
+        SAMPLE,
+        ["checkpoint={cond}", "sampler=ddim", "sampler.steps=500"],
+        "sampler.steps=500",
+        id="sample-ddim-more-steps-than-timesteps",
+    ),
+    case(
+        RUN,
+        ["trainer.early_stop_metric=fid"],
+        "trainer.early_stop_metric=fid",
+        "trainer.eval_rate",
+        id="trainer-early-stop-fid-without-evaluations",
+    ),
 ]
 SUBPROCESS_CASES = ["trainer-keep-checkpoints", "unknown-key-typo"]  # a ddpm error and one of Hydra's own
 
@@ -173,17 +313,26 @@ def paths(runs, tmp_path_factory) -> dict[str, Path]:
     (fake_png_dir / "fake.png").write_text("text in a file named .png")
 
     return {
-        "tmp": tmp, "cond": cond, "uncond": runs["uncond_run"] / "checkpoints" / "last.pt",
-        "text_file": text_file, "state_dict": state_dict, "corrupted": corrupted, "other_model": other_model,
-        "empty_dir": empty_dir, "notes_dir": notes_dir, "fake_png_dir": fake_png_dir,
-    }  # fmt: skip
+        "tmp": tmp,
+        "cond": cond,
+        "uncond": runs["uncond_run"] / "checkpoints" / "last.pt",
+        "text_file": text_file,
+        "state_dict": state_dict,
+        "corrupted": corrupted,
+        "other_model": other_model,
+        "empty_dir": empty_dir,
+        "notes_dir": notes_dir,
+        "fake_png_dir": fake_png_dir,
+    }
 
 
 def middle_of_largest_tensor(path: Path) -> int:
     """The file offset of the middle byte of the largest tensor record in a torch.save zip archive (the middle of
     the file may fall in the alignment padding between records, which no reader looks at)."""
     with zipfile.ZipFile(path) as archive:
-        record = max((info for info in archive.infolist() if "/data/" in info.filename), key=lambda info: info.file_size)
+        record = max(
+            (info for info in archive.infolist() if "/data/" in info.filename), key=lambda info: info.file_size
+        )
     with open(path, "rb") as file:
         file.seek(record.header_offset + 26)
         name_length, extra_length = struct.unpack("<HH", file.read(4))
@@ -217,8 +366,9 @@ def test_bad_input_in_a_real_process_shows_no_traceback(case_id, runs, paths):
     args = [*command(base, overrides, paths), f"hydra.run.dir={runs['cond_run']}"]
     before = checkpoint_files(runs)
     env = user_environment()
-    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "main.py"), *args], capture_output=True, text=True,
-                            env=env, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "main.py"), *args], capture_output=True, text=True, env=env, timeout=120
+    )
     output = result.stdout + result.stderr
     shown = f"python main.py {' '.join(args)}\n--- exit status {result.returncode}, output:\n{output}"
     assert result.returncode == 1, shown

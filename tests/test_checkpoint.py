@@ -9,8 +9,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ddpm.build import load_diffusion
-from ddpm.checkpoint import (
+from ddpm.config.errors import CheckpointError, ConfigError
+from ddpm.diffusion.build import load_diffusion
+from ddpm.io.checkpoint import (
     load_checkpoint,
     periodic_checkpoints,
     periodic_name,
@@ -18,8 +19,7 @@ from ddpm.checkpoint import (
     remove_temporaries,
     save_checkpoint,
 )
-from ddpm.errors import CheckpointError, ConfigError
-from ddpm.resume import check_resumable, find_resume_checkpoint
+from ddpm.training.resume import check_resumable, find_resume_checkpoint
 
 
 def a_state(step: int = 7, **extra) -> dict:
@@ -184,8 +184,11 @@ def test_an_explicit_damaged_checkpoint_is_an_error_naming_the_key(tmp_path):
 
 
 def test_resuming_needs_training_state_and_the_same_model(tmp_path, caplog):
-    config = {"model": {"base_channels": 16}, "dataset": {"root": "/data"}, "trainer": {"iterations": 10,
-              "use_labels": True}}  # fmt: skip
+    config = {
+        "model": {"base_channels": 16},
+        "dataset": {"root": "/data"},
+        "trainer": {"iterations": 10, "use_labels": True},
+    }
     state = {**a_state(), "config": config, "optimizer": {}, "loop": {}, "data": {}, "rng": {}}
     check_resumable(tmp_path, state, config)
     with pytest.raises(CheckpointError, match="no training state"):

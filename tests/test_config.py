@@ -2,28 +2,29 @@
 
 import pytest
 import torch
+from conftest import CONF_DIR, PROJECT_ROOT, compose_config, group_options
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf
 from PIL import Image
-
-from conftest import CONF_DIR, PROJECT_ROOT, compose_config, group_options
 from test_data import trust_cifar_archive, write_cifar_archive
-from ddpm.build import build_diffusion, build_sampler
-from ddpm.diffusion import GaussianDiffusion
+
+from ddpm.diffusion.build import build_diffusion, build_sampler
+from ddpm.diffusion.gaussian import GaussianDiffusion
+from ddpm.diffusion.objectives import denoiser
 from ddpm.evaluation.settings import FidSettings
-from ddpm.loggers import LocalLogger
-from ddpm.objectives import denoiser
-from ddpm.train_settings import TrainSettings
-from ddpm.unet import UNet
+from ddpm.io.loggers import LocalLogger
+from ddpm.model.unet import UNet
+from ddpm.training.settings import TrainSettings
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("experiment", "paths"))
 SMALL_MODEL = ["model.base_channels=16", "model.channel_mults=[1,2]", "model.num_groups=8"]
 
 
 def test_the_groups_the_platform_promises_exist():
-    assert {"model", "schedule", "dataset", "optimizer", "trainer", "logger", "sampler", "diffusion",
-            "task"} <= set(GROUPS)
+    assert {"model", "schedule", "dataset", "optimizer", "trainer", "logger", "sampler", "diffusion", "task"} <= set(
+        GROUPS
+    )
 
 
 @pytest.fixture
@@ -64,7 +65,9 @@ def instantiate_option(group, cfg, tmp_path):
         settings = instantiate(node)
         assert isinstance(settings, FidSettings) and settings.batch_size >= 1
         if node.extractor._target_.endswith("TinyExtractor"):  # the others load a weights file
-            features, logits = settings.build_extractor(torch.device("cpu"))(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
+            features, logits = settings.build_extractor(torch.device("cpu"))(
+                torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+            )
             assert features.shape[0] == logits.shape[0] == 2
     elif group == "task":
         assert callable(get_method(node._target_))
@@ -123,7 +126,12 @@ def test_defaults_are_the_seeds():
     cfg = compose_config()
     assert cfg.schedule._target_.endswith("dns_betas")
     assert cfg.dataset._target_.endswith("cifar10")
-    assert (cfg.trainer.batch_size, cfg.optimizer.lr, cfg.model.dropout, cfg.trainer.iterations) == (256, 2e-4, 0.01, 800_000)
+    assert (cfg.trainer.batch_size, cfg.optimizer.lr, cfg.model.dropout, cfg.trainer.iterations) == (
+        256,
+        2e-4,
+        0.01,
+        800_000,
+    )
     assert cfg.logger.mode == "offline"  # runs without a wandb account
 
 
@@ -160,5 +168,10 @@ def test_improved_ddpm_cifar10_is_the_papers_recipe():
     cfg = compose_config("experiment=improved_ddpm_cifar10")
     assert cfg.schedule._target_.endswith("cosine_betas") and cfg.schedule.num_timesteps == 4000
     assert cfg.model.learn_sigma and cfg.diffusion.variance == "learned_range" and cfg.diffusion.vlb_weight == 0.001
-    assert (cfg.model.num_res_blocks, cfg.model.dropout, cfg.optimizer.lr, cfg.trainer.batch_size) == (3, 0.3, 1e-4, 128)
+    assert (cfg.model.num_res_blocks, cfg.model.dropout, cfg.optimizer.lr, cfg.trainer.batch_size) == (
+        3,
+        0.3,
+        1e-4,
+        128,
+    )
     assert cfg.sampler._target_.endswith("ddpm_ancestral") and cfg.sampler.steps == 100

@@ -1,4 +1,4 @@
-"""Threads sized to the allocation (ddpm.cpu_share): the CPUs a process may use, shared with the processes that
+"""Threads sized to the allocation (ddpm.runtime.cpu_share): the CPUs a process may use, shared with the processes that
 run on them at the same time; DataLoader workers by device; a local sweep tells its jobs how many they are."""
 
 import json
@@ -8,9 +8,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ddpm import cpu_share as share_module
-from ddpm.cpu_share import JOBS_AT_ONCE, LOCAL_LAUNCHER, ShareCpusAmongLocalJobs, cpu_share, data_workers, use_cpu_share
-from ddpm.errors import ConfigError
+from ddpm.config.errors import ConfigError
+from ddpm.runtime import cpu_share as share_module
+from ddpm.runtime.cpu_share import (
+    JOBS_AT_ONCE,
+    LOCAL_LAUNCHER,
+    ShareCpusAmongLocalJobs,
+    cpu_share,
+    data_workers,
+    use_cpu_share,
+)
 
 
 @pytest.fixture
@@ -56,7 +63,7 @@ def test_use_cpu_share_sets_torch_threads_and_logs_them(monkeypatch, caplog):
     monkeypatch.setattr(share_module.os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setenv(JOBS_AT_ONCE, "3")
     try:
-        with caplog.at_level("INFO", logger="ddpm.cpu_share"):
+        with caplog.at_level("INFO", logger="ddpm.runtime.cpu_share"):
             share = use_cpu_share(None)
             assert torch.get_num_threads() == share.threads == 1
         assert "1 CPU thread (2 CPUs in the affinity mask, shared by 3 sweep jobs at once)" in caplog.text
@@ -75,8 +82,9 @@ def test_data_workers_by_device():
 
 
 def sweep_config(launcher: str, overrides: list[str], **sweeper) -> OmegaConf:
-    return OmegaConf.create({"hydra": {"launcher": {"_target_": launcher}, "overrides": {"task": overrides},
-                                       "sweeper": sweeper}})  # fmt: skip
+    return OmegaConf.create(
+        {"hydra": {"launcher": {"_target_": launcher}, "overrides": {"task": overrides}, "sweeper": sweeper}}
+    )
 
 
 @pytest.mark.parametrize(
@@ -108,12 +116,23 @@ def test_the_jobs_of_a_sweep_on_the_local_launcher_take_their_share(tmp_path):
     """The callback's count reaches the jobs through submitit's local controller, and each job logs its share."""
     from conftest import TINY_QUICKSTART, run_main
 
-    run_main("-m", *TINY_QUICKSTART, "hydra/launcher=local", "schedule=cosine,dns", "schedule.num_timesteps=50",
-             "trainer.iterations=2", "trainer.batch_size=8", "trainer.sample_at_end=false",
-             f"hydra.sweep.dir={tmp_path}")  # fmt: skip
+    run_main(
+        "-m",
+        *TINY_QUICKSTART,
+        "hydra/launcher=local",
+        "schedule=cosine,dns",
+        "schedule.num_timesteps=50",
+        "trainer.iterations=2",
+        "trainer.batch_size=8",
+        "trainer.sample_at_end=false",
+        f"hydra.sweep.dir={tmp_path}",
+    )
     cpus = len(os.sched_getaffinity(0))
     for job in ("0", "1"):
         log = next((tmp_path / job).glob("*.log")).read_text()
         threads = max(cpus // 2, 1)
-        assert f"{threads} CPU thread{'s' * (threads != 1)} ({cpus} CPUs in the affinity mask, shared by 2 sweep jobs at once)" in log
+        assert (
+            f"{threads} CPU thread{'s' * (threads != 1)} ({cpus} CPUs in the affinity mask, shared by 2 sweep jobs at once)"
+            in log
+        )
         assert json.loads((tmp_path / job / "summary.json").read_text())["steps"] == 2

@@ -18,10 +18,10 @@ import torchvision.datasets.utils
 from PIL import Image
 from torchvision.datasets import CIFAR10
 
+from ddpm.config.errors import ConfigError, DatasetNotFoundError
 from ddpm.data.cifar10 import ARCHIVE, cifar10
 from ddpm.data.digits import digits
 from ddpm.data.folder import folder
-from ddpm.errors import ConfigError, DatasetNotFoundError
 
 # ---------------------------------------------------------------------------------------------- CIFAR-10
 
@@ -83,8 +83,14 @@ def write_cifar_archive(workdir: Path) -> SimpleNamespace:
     root.mkdir()
     with tarfile.open(root / ARCHIVE, "w:gz") as archive:
         archive.add(batches, arcname="cifar-10-batches-py")
-    return SimpleNamespace(root=root, batches=batches, train_images=train_images, train_labels=train_labels,
-                           test_images=test_images, test_labels=test_labels)  # fmt: skip
+    return SimpleNamespace(
+        root=root,
+        batches=batches,
+        train_images=train_images,
+        train_labels=train_labels,
+        test_images=test_images,
+        test_labels=test_labels,
+    )
 
 
 def trust_cifar_archive(patch: pytest.MonkeyPatch, written: SimpleNamespace) -> None:

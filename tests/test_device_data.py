@@ -5,12 +5,12 @@ import pytest
 import torch
 from test_data import PER_BATCH, trust_cifar_archive, write_cifar_archive, write_png
 
+from ddpm.config.errors import ConfigError
 from ddpm.data.cifar10 import cifar10
 from ddpm.data.device import DeviceBatches, InMemoryImages, in_memory_images
 from ddpm.data.digits import digits
 from ddpm.data.folder import folder
 from ddpm.data.loader import EpochOrder, TrainingBatches
-from ddpm.errors import ConfigError
 
 CPU = torch.device("cpu")
 
@@ -21,7 +21,7 @@ def take(batches, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def assert_same_batches(got, expected, atol: float = 0.0) -> None:
     assert len(got) == len(expected)
-    for (x, y), (x_expected, y_expected) in zip(got, expected):
+    for (x, y), (x_expected, y_expected) in zip(got, expected, strict=True):
         assert x.dtype == torch.float32 and y.dtype == torch.int64
         assert torch.allclose(x, x_expected, atol=atol, rtol=0) and torch.equal(y, y_expected)
 
@@ -135,18 +135,19 @@ def test_cifar10_flips_are_mirrors_about_half_the_time_and_reproducible(cifar):
     for _ in range(50):
         x, _ = next(batches)
         _, indices = next(order)
-        for image, index in zip(x, indices):
+        for image, index in zip(x, indices, strict=True):
             original = plain[index][0]
             if torch.allclose(image, original.flip(-1), atol=1e-6, rtol=0):
                 mirrored += 1
             else:
                 assert torch.allclose(image, original, atol=1e-6, rtol=0)
     assert 70 <= mirrored <= 130  # of 200 images
+
     def first_batches(seed):
         return take(DeviceBatches(in_memory_images(flipped), 4, seed=seed, device=CPU), 5)
 
     assert_same_batches(first_batches(7), first_batches(7))
-    assert not all(torch.equal(a[0], b[0]) for a, b in zip(first_batches(7), first_batches(8)))
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(first_batches(7), first_batches(8), strict=True))
 
 
 def test_cifar10_flipped_batches_equal_training_batches(cifar):

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm.diffusion import GaussianDiffusion, extract
-from ddpm.ema import EMA
-from ddpm.errors import ConfigError
-from ddpm.objectives import denoiser
-from ddpm.samplers import ddpm_ancestral
-from ddpm.schedules import linear_betas
+from ddpm.config.errors import ConfigError
+from ddpm.diffusion.gaussian import GaussianDiffusion
+from ddpm.diffusion.objectives import denoiser, extract
+from ddpm.diffusion.samplers import ddpm_ancestral
+from ddpm.diffusion.schedules import linear_betas
+from ddpm.model.ema import EMA
 
 
 class AffineNoisePredictor(nn.Module):
@@ -30,8 +30,9 @@ class AffineNoisePredictor(nn.Module):
 
 
 def make_diffusion(loss_type="l2", steps=100, model=None):
-    return GaussianDiffusion(model or AffineNoisePredictor(), linear_betas(steps), image_size=4, channels=2,
-                             loss_type=loss_type)
+    return GaussianDiffusion(
+        model or AffineNoisePredictor(), linear_betas(steps), image_size=4, channels=2, loss_type=loss_type
+    )
 
 
 def alpha_bar(steps=100):
@@ -98,7 +99,7 @@ def test_extract_broadcasts_per_sample_constants():
 
 def test_ancestral_sampler_follows_algorithm_2_step_by_step():
     betas = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
-    predict = lambda x, t: 0.3 * x + 0.1 * t.float().reshape(-1, 1, 1, 1)  # noqa: E731
+    predict = lambda x, t: 0.3 * x + 0.1 * t.float().reshape(-1, 1, 1, 1)
     x_T = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(0))
     out = ddpm_ancestral(denoiser(predict, "eps", betas), x_T, betas, generator=torch.Generator().manual_seed(1))
 
@@ -117,7 +118,9 @@ def test_ancestral_sampler_follows_algorithm_2_step_by_step():
 def test_sampling_is_deterministic_given_a_generator_and_reports_every_step():
     diffusion = make_diffusion(steps=25)
     steps = []
-    first = diffusion.sample(3, "cpu", generator=torch.Generator().manual_seed(5), callback=lambda s: steps.append(s["t"]))
+    first = diffusion.sample(
+        3, "cpu", generator=torch.Generator().manual_seed(5), callback=lambda s: steps.append(s["t"])
+    )
     second = diffusion.sample(3, "cpu", generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(first, second)
     assert steps == list(range(24, -1, -1))

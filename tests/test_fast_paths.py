@@ -5,23 +5,24 @@ from functools import partial
 
 import pytest
 import torch
-
-from ddpm import fast_paths
-from ddpm.errors import ConfigError
-from ddpm.fast_paths import FastPaths, grad_scaler, prepare_network, resolve_fast_paths, resolve_precision
-from ddpm.update import optimizer_skips_on_device, step_unless_nonfinite
-from ddpm.samplers import ddim
-from ddpm.throughput import count_flops
-from ddpm.unet import UNet
 from test_training import run_loop, tiny_diffusion
+
+from ddpm.config.errors import ConfigError
+from ddpm.diffusion.samplers import ddim
+from ddpm.model.unet import UNet
+from ddpm.runtime import fast_paths
+from ddpm.runtime.fast_paths import FastPaths, grad_scaler, prepare_network, resolve_fast_paths, resolve_precision
+from ddpm.runtime.throughput import count_flops
+from ddpm.training.update import optimizer_skips_on_device, step_unless_nonfinite
 
 CPU = torch.device("cpu")
 
 
 def test_auto_picks_the_plain_path_on_cpu_and_names_bad_choices(monkeypatch):
     monkeypatch.setattr(fast_paths, "cpu_capabilities", lambda: {"avx2": True})
-    assert resolve_fast_paths(device=CPU) == FastPaths(precision="fp32", channels_last=False, compile=False,
-                                                       data_on_device=False)  # fmt: skip
+    assert resolve_fast_paths(device=CPU) == FastPaths(
+        precision="fp32", channels_last=False, compile=False, data_on_device=False
+    )
     assert resolve_fast_paths(device=CPU, precision="bf16", channels_last=True).precision == "bf16"
     with pytest.raises(ConfigError, match="trainer.precision='fp8' is not one of"):
         resolve_fast_paths(device=CPU, precision="fp8")
@@ -39,10 +40,9 @@ def test_auto_picks_the_plain_path_on_cpu_and_names_bad_choices(monkeypatch):
         ({}, "fp32", "does not report the CPU's features"),  # a torch older than get_capabilities()
     ],
 )
-def test_auto_precision_on_cpu_is_bf16_only_with_bf16_matrix_units(monkeypatch, caplog, capabilities, expected,
-                                                                   reason):  # fmt: skip
+def test_auto_precision_on_cpu_is_bf16_only_with_bf16_matrix_units(monkeypatch, caplog, capabilities, expected, reason):
     monkeypatch.setattr(fast_paths, "cpu_capabilities", lambda: capabilities)
-    with caplog.at_level("INFO", logger="ddpm.fast_paths"):
+    with caplog.at_level("INFO", logger="ddpm.runtime.fast_paths"):
         assert resolve_fast_paths(device=CPU).precision == expected
         assert resolve_precision("sample.precision", "auto", CPU) == expected
     assert f"trainer.precision=auto -> {expected}: " in caplog.text and reason in caplog.text
@@ -79,7 +79,7 @@ def test_a_fused_optimizer_skips_a_nonfinite_step_on_the_device():
     before, _ = adam_after_one_step(fused=True, finite=False)
     torch.manual_seed(0)
     initial = torch.nn.Linear(4, 3)
-    assert all(torch.equal(a, b) for a, b in zip(before.parameters(), initial.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before.parameters(), initial.parameters(), strict=True))
     _, skipped = adam_after_one_step(fused=True, finite=False)
     assert all(int(state["step"]) == 0 and not state["exp_avg"].any() for state in skipped.state.values())
 
@@ -88,20 +88,22 @@ def test_a_fused_optimizer_skips_a_nonfinite_step_on_the_device():
     assert all(int(state["step"]) == 1 for state in optimizer.state.values())
     reference, plain = adam_after_one_step(fused=False)  # the fused kernel computes what the for-loop one does
     assert not optimizer_skips_on_device(plain)
-    for a, b in zip(taken.parameters(), reference.parameters()):
+    for a, b in zip(taken.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a, b)
 
 
-def final_weights(tmp_path, fast: FastPaths, fused: bool = False, one_level: bool = False,
-                  **overrides) -> dict[str, torch.Tensor]:  # fmt: skip
+def final_weights(
+    tmp_path, fast: FastPaths, fused: bool = False, one_level: bool = False, **overrides
+) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     # No dropout: channels_last draws its masks in memory order, so they fall on other pixels (equally valid,
     # but not comparable).
     diffusion = tiny_diffusion(dropout=0.0, one_level=one_level)
     prepare_network(diffusion.model, fast)
     prepare_network(diffusion.ema.module, fast)
-    diffusion, _, _ = run_loop(tmp_path, diffusion=diffusion, fast=fast, fused=fused, sample_at_end=False,
-                               checkpoint_rate=0, **overrides)  # fmt: skip
+    diffusion, _, _ = run_loop(
+        tmp_path, diffusion=diffusion, fast=fast, fused=fused, sample_at_end=False, checkpoint_rate=0, **overrides
+    )
     return {name: tensor.contiguous() for name, tensor in diffusion.model.state_dict().items()}
 
 
@@ -122,8 +124,15 @@ def test_bf16_autocast_runs_the_network_in_bf16_and_trains(tmp_path):
     diffusion = tiny_diffusion()
     dtypes = set()
     diffusion.model.init_conv.register_forward_hook(lambda module, args, output: dtypes.add(output.dtype))
-    _, logger, summary = run_loop(tmp_path, diffusion=diffusion, fast=FastPaths(precision="bf16"), iterations=30,
-                                  log_rate=10, checkpoint_rate=0, sample_at_end=False)  # fmt: skip
+    _, logger, summary = run_loop(
+        tmp_path,
+        diffusion=diffusion,
+        fast=FastPaths(precision="bf16"),
+        iterations=30,
+        log_rate=10,
+        checkpoint_rate=0,
+        sample_at_end=False,
+    )
     assert torch.bfloat16 in dtypes  # the training forward; the test loss runs at fp32
     losses = [metrics["train_loss"] for _, metrics in logger.metrics]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
@@ -133,8 +142,16 @@ def test_bf16_autocast_runs_the_network_in_bf16_and_trains(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast with a grad scaler needs CUDA")
 def test_fp16_with_a_grad_scaler_trains(tmp_path):
     diffusion = tiny_diffusion().cuda()
-    _, logger, _ = run_loop(tmp_path, diffusion=diffusion, fast=FastPaths(precision="fp16"), iterations=30,
-                            log_rate=10, checkpoint_rate=0, sample_at_end=False, device="cuda")  # fmt: skip
+    _, logger, _ = run_loop(
+        tmp_path,
+        diffusion=diffusion,
+        fast=FastPaths(precision="fp16"),
+        iterations=30,
+        log_rate=10,
+        checkpoint_rate=0,
+        sample_at_end=False,
+        device="cuda",
+    )
     losses = [metrics["train_loss"] for _, metrics in logger.metrics]
     assert losses[-1] < losses[0], losses
 
@@ -155,11 +172,21 @@ def test_a_compiled_network_matches_eager_and_is_not_recompiled_per_step(tmp_pat
     diffusion = tiny_diffusion(dropout=0.0, one_level=True)
     fast = FastPaths(compile=True)
     prepare_network(diffusion.model, fast)
-    compiled, logger, _ = run_loop(tmp_path / "compiled", diffusion=diffusion, fast=fast, iterations=10, log_rate=2,
-                                   sample_at_end=False, checkpoint_rate=10, on_log=record)  # fmt: skip
+    compiled, logger, _ = run_loop(
+        tmp_path / "compiled",
+        diffusion=diffusion,
+        fast=fast,
+        iterations=10,
+        log_rate=2,
+        sample_at_end=False,
+        checkpoint_rate=10,
+        on_log=record,
+    )
     assert counts[1] > 0 and counts[1:] == [counts[1]] * (len(counts) - 1), counts
-    assert not any("_orig_mod" in key for key in torch.load(tmp_path / "compiled" / "checkpoints" / "last.pt",
-                                                             weights_only=True)["model"])  # fmt: skip
+    assert not any(
+        "_orig_mod" in key
+        for key in torch.load(tmp_path / "compiled" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    )
     eager = final_weights(tmp_path / "eager", FastPaths(), one_level=True, iterations=10, log_rate=2)
     for name, tensor in compiled.model.state_dict().items():
         torch.testing.assert_close(tensor, eager[name], rtol=1e-3, atol=2e-4)
@@ -189,8 +216,14 @@ def test_bf16_sampling_runs_the_network_in_bf16_and_returns_float32_close_to_fp3
     labels = torch.arange(4)
     draws = {}
     for precision in ("fp32", "bf16"):
-        draws[precision] = diffusion.sample(4, "cpu", labels, sampler=partial(ddim, steps=5), precision=precision,
-                                            generator=torch.Generator().manual_seed(1))  # fmt: skip
+        draws[precision] = diffusion.sample(
+            4,
+            "cpu",
+            labels,
+            sampler=partial(ddim, steps=5),
+            precision=precision,
+            generator=torch.Generator().manual_seed(1),
+        )
     assert draws["bf16"].dtype == torch.float32 and not torch.equal(draws["bf16"], draws["fp32"])
     assert (draws["bf16"] - draws["fp32"]).abs().mean() < 0.05
 

@@ -20,14 +20,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from main_in_process import RUN, SAMPLE, checkpoint_files, command, run_main_in_process
 from PIL import Image
-
-from ddpm.checkpoint import load_checkpoint, save_checkpoint
-from main_in_process import RUN, SAMPLE, checkpoint_files, command, run_main_in_process, runs  # noqa: F401
 from test_resume import start_main, wait_for
 
-EVALUATE = ["task=evaluate", "logger=none", "fid=tiny", "eval.device=cpu", "eval.num_samples=4", "eval.batch_size=2",
-            "eval.is_splits=2", "eval.pr_k=1"]
+from ddpm.io.checkpoint import load_checkpoint, save_checkpoint
+
+EVALUATE = [
+    "task=evaluate",
+    "logger=none",
+    "fid=tiny",
+    "eval.device=cpu",
+    "eval.num_samples=4",
+    "eval.batch_size=2",
+    "eval.is_splits=2",
+    "eval.pr_k=1",
+]
 IS_ROOT = os.geteuid() == 0
 
 
@@ -43,100 +51,285 @@ CATALOGUE = [
     # Checkpoint files: empty, truncated, directories, not zip archives, without a digest, of another model.
     case("checkpoint", SAMPLE, ["checkpoint={empty}"], "checkpoint={empty} is empty (0 bytes)", id="sample-empty"),
     case("checkpoint", RUN, ["trainer.resume={empty}"], "trainer.resume={empty} is empty (0 bytes)", id="resume-empty"),
-    case("checkpoint", SAMPLE, ["checkpoint={truncated}"], "checkpoint={truncated} is truncated", id="sample-truncated"),
-    case("checkpoint", RUN, ["trainer.resume={truncated}"], "trainer.resume={truncated} is truncated",
-         id="resume-truncated"),  # fmt: skip
+    case(
+        "checkpoint", SAMPLE, ["checkpoint={truncated}"], "checkpoint={truncated} is truncated", id="sample-truncated"
+    ),
+    case(
+        "checkpoint",
+        RUN,
+        ["trainer.resume={truncated}"],
+        "trainer.resume={truncated} is truncated",
+        id="resume-truncated",
+    ),
     case("checkpoint", SAMPLE, ["checkpoint={a_dir}"], "checkpoint={a_dir} is a directory", id="sample-directory"),
-    case("checkpoint", RUN, ["trainer.resume={a_dir}"], "trainer.resume={a_dir} is a directory",
-         id="resume-directory"),  # fmt: skip
-    case("checkpoint", SAMPLE, ["checkpoint={png_pt}"], "checkpoint={png_pt} is not a checkpoint", "a PNG image",
-         id="sample-png-renamed"),  # fmt: skip
-    case("checkpoint", RUN, ["trainer.resume={png_pt}"], "trainer.resume={png_pt} is not a checkpoint", "a PNG image",
-         id="resume-png-renamed"),  # fmt: skip
-    case("checkpoint", SAMPLE, ["checkpoint={text_pt}"], "checkpoint={text_pt} is not a checkpoint", "text",
-         id="sample-text"),  # fmt: skip
-    case("checkpoint", SAMPLE, ["checkpoint={undigested}"], "checkpoint={undigested} carries no digest",
-         "trust_checkpoint=true", id="sample-no-digest"),  # fmt: skip
-    case("checkpoint", RUN, ["trainer.resume={undigested}"], "trainer.resume={undigested} carries no digest",
-         "trust_checkpoint=true", id="resume-no-digest"),  # fmt: skip
-    case("checkpoint", EVALUATE, ["checkpoint={undigested}"], "checkpoint={undigested} carries no digest",
-         id="evaluate-no-digest"),  # fmt: skip
-    case("checkpoint", RUN, ["trainer.resume={swapped}"], "trainer.resume={swapped}",
-         "weights are not those of the model", id="resume-weights-of-another-model"),  # fmt: skip
+    case("checkpoint", RUN, ["trainer.resume={a_dir}"], "trainer.resume={a_dir} is a directory", id="resume-directory"),
+    case(
+        "checkpoint",
+        SAMPLE,
+        ["checkpoint={png_pt}"],
+        "checkpoint={png_pt} is not a checkpoint",
+        "a PNG image",
+        id="sample-png-renamed",
+    ),
+    case(
+        "checkpoint",
+        RUN,
+        ["trainer.resume={png_pt}"],
+        "trainer.resume={png_pt} is not a checkpoint",
+        "a PNG image",
+        id="resume-png-renamed",
+    ),
+    case(
+        "checkpoint",
+        SAMPLE,
+        ["checkpoint={text_pt}"],
+        "checkpoint={text_pt} is not a checkpoint",
+        "text",
+        id="sample-text",
+    ),
+    case(
+        "checkpoint",
+        SAMPLE,
+        ["checkpoint={undigested}"],
+        "checkpoint={undigested} carries no digest",
+        "trust_checkpoint=true",
+        id="sample-no-digest",
+    ),
+    case(
+        "checkpoint",
+        RUN,
+        ["trainer.resume={undigested}"],
+        "trainer.resume={undigested} carries no digest",
+        "trust_checkpoint=true",
+        id="resume-no-digest",
+    ),
+    case(
+        "checkpoint",
+        EVALUATE,
+        ["checkpoint={undigested}"],
+        "checkpoint={undigested} carries no digest",
+        id="evaluate-no-digest",
+    ),
+    case(
+        "checkpoint",
+        RUN,
+        ["trainer.resume={swapped}"],
+        "trainer.resume={swapped}",
+        "weights are not those of the model",
+        id="resume-weights-of-another-model",
+    ),
     case("checkpoint", SAMPLE, ["checkpoint="], "task=sample needs checkpoint=PATH", id="sample-empty-path"),
-    case("checkpoint", EVALUATE, ["checkpoint={a_dir}"], "checkpoint={a_dir} is a directory",
-         id="evaluate-directory"),  # fmt: skip
-    case("checkpoint", SAMPLE, ["checkpoint={cond}", "trust_checkpoint=maybe"],
-         "trust_checkpoint='maybe' must be of type bool", id="trust-checkpoint-not-bool"),  # fmt: skip
+    case("checkpoint", EVALUATE, ["checkpoint={a_dir}"], "checkpoint={a_dir} is a directory", id="evaluate-directory"),
+    case(
+        "checkpoint",
+        SAMPLE,
+        ["checkpoint={cond}", "trust_checkpoint=maybe"],
+        "trust_checkpoint='maybe' must be of type bool",
+        id="trust-checkpoint-not-bool",
+    ),
     # Sample files given to task=evaluate: not npz, truncated, directories, shards that are not npz.
-    case("samples", EVALUATE, ["eval.samples={npz_truncated}"], "eval.samples={npz_truncated}", "truncated",
-         id="npz-truncated"),  # fmt: skip
-    case("samples", EVALUATE, ["eval.samples={png_npz}"], "eval.samples={png_npz} is not an npz file", "a PNG image",
-         id="npz-is-png"),  # fmt: skip
-    case("samples", EVALUATE, ["eval.samples={text_pt}"], "eval.samples={text_pt} is not an npz file",
-         id="npz-is-text"),  # fmt: skip
+    case(
+        "samples",
+        EVALUATE,
+        ["eval.samples={npz_truncated}"],
+        "eval.samples={npz_truncated}",
+        "truncated",
+        id="npz-truncated",
+    ),
+    case(
+        "samples",
+        EVALUATE,
+        ["eval.samples={png_npz}"],
+        "eval.samples={png_npz} is not an npz file",
+        "a PNG image",
+        id="npz-is-png",
+    ),
+    case(
+        "samples", EVALUATE, ["eval.samples={text_pt}"], "eval.samples={text_pt} is not an npz file", id="npz-is-text"
+    ),
     case("samples", EVALUATE, ["eval.samples={a_dir}"], "eval.samples={a_dir} is a directory", id="npz-directory"),
-    case("samples", EVALUATE, ["eval.merge={merge_truncated}"], "eval.merge={merge_truncated}", "shard_0_of_1.npz",
-         "truncated", id="merge-truncated-shard"),  # fmt: skip
-    case("samples", EVALUATE, ["eval.merge={merge_png}"], "eval.merge={merge_png}", "shard_0_of_1.npz",
-         "a PNG image", id="merge-png-shard"),  # fmt: skip
+    case(
+        "samples",
+        EVALUATE,
+        ["eval.merge={merge_truncated}"],
+        "eval.merge={merge_truncated}",
+        "shard_0_of_1.npz",
+        "truncated",
+        id="merge-truncated-shard",
+    ),
+    case(
+        "samples",
+        EVALUATE,
+        ["eval.merge={merge_png}"],
+        "eval.merge={merge_png}",
+        "shard_0_of_1.npz",
+        "a PNG image",
+        id="merge-png-shard",
+    ),
     # The run directory: a file, under a file, read-only, on a full disk; checked before Hydra writes there.
     case("run-dir", RUN, ["hydra.run.dir={a_file}"], "hydra.run.dir={a_file}", "is a file", id="run-dir-is-a-file"),
-    case("run-dir", RUN, ["hydra.run.dir={a_file}/run"], "hydra.run.dir={a_file}/run", "cannot be created",
-         id="run-dir-under-a-file"),  # fmt: skip
-    case("run-dir", SAMPLE, ["checkpoint={cond}", "hydra.run.dir={a_file}"], "hydra.run.dir={a_file}", "is a file",
-         id="sample-run-dir-is-a-file"),  # fmt: skip
-    case("run-dir", RUN, ["hydra.run.dir={read_only}/run"], "hydra.run.dir={read_only}/run", "cannot be",
-         id="run-dir-read-only"),  # fmt: skip
-    case("run-dir", RUN, ["hydra.run.dir={full_disk}/run"], "hydra.run.dir={full_disk}/run", "MB free",
-         id="run-dir-disk-full"),  # fmt: skip
-    case("run-dir", RUN, ["hydra.run.dir={last_pt_is_dir}"], "{last_pt_is_dir}/checkpoints/last.pt is a directory",
-         id="last-pt-is-a-directory"),  # fmt: skip
+    case(
+        "run-dir",
+        RUN,
+        ["hydra.run.dir={a_file}/run"],
+        "hydra.run.dir={a_file}/run",
+        "cannot be created",
+        id="run-dir-under-a-file",
+    ),
+    case(
+        "run-dir",
+        SAMPLE,
+        ["checkpoint={cond}", "hydra.run.dir={a_file}"],
+        "hydra.run.dir={a_file}",
+        "is a file",
+        id="sample-run-dir-is-a-file",
+    ),
+    case(
+        "run-dir",
+        RUN,
+        ["hydra.run.dir={read_only}/run"],
+        "hydra.run.dir={read_only}/run",
+        "cannot be",
+        id="run-dir-read-only",
+    ),
+    case(
+        "run-dir",
+        RUN,
+        ["hydra.run.dir={full_disk}/run"],
+        "hydra.run.dir={full_disk}/run",
+        "MB free",
+        id="run-dir-disk-full",
+    ),
+    case(
+        "run-dir",
+        RUN,
+        ["hydra.run.dir={last_pt_is_dir}"],
+        "{last_pt_is_dir}/checkpoints/last.pt is a directory",
+        id="last-pt-is-a-directory",
+    ),
     # Values, all checked before the first step: the samplers the run uses, seeds, devices, booleans given as
     # strings, channel counts against the dataset, learning rates, keys added with +, and names as typed.
     case("value", RUN, ["sampler=ddim", "sampler.eta=-1"], "sampler.eta=-1", ">= 0", id="grid-sampler-eta"),
     case("value", RUN, ["sampler=ddim", "sampler.steps=0"], "sampler.steps=0", "1..50", id="grid-sampler-steps"),
-    case("value", RUN, ["sampler=dpm_solver", "sampler.steps=51"], "sampler.steps=51", "1..50",
-         id="grid-sampler-steps-above-timesteps"),  # fmt: skip
-    case("value", RUN, ["sampler=ddpm", "sampler.variance=wide"], "sampler.variance='wide' is not one of", id="grid-sampler-variance"),
-    case("value", RUN, ["sampler=ddim", "sampler.eta=lots"], "sampler.eta='lots' must be of type float",
-         id="grid-sampler-eta-str"),  # fmt: skip
-    case("value", RUN, ["trainer.eval_rate=1", "fid=tiny", "trainer.eval_steps=51"], "trainer.eval_steps=51",
-         "schedule.num_timesteps=50", id="fid-sampler-steps"),  # fmt: skip
+    case(
+        "value",
+        RUN,
+        ["sampler=dpm_solver", "sampler.steps=51"],
+        "sampler.steps=51",
+        "1..50",
+        id="grid-sampler-steps-above-timesteps",
+    ),
+    case(
+        "value",
+        RUN,
+        ["sampler=ddpm", "sampler.variance=wide"],
+        "sampler.variance='wide' is not one of",
+        id="grid-sampler-variance",
+    ),
+    case(
+        "value",
+        RUN,
+        ["sampler=ddim", "sampler.eta=lots"],
+        "sampler.eta='lots' must be of type float",
+        id="grid-sampler-eta-str",
+    ),
+    case(
+        "value",
+        RUN,
+        ["trainer.eval_rate=1", "fid=tiny", "trainer.eval_steps=51"],
+        "trainer.eval_steps=51",
+        "schedule.num_timesteps=50",
+        id="fid-sampler-steps",
+    ),
     case("value", RUN, ["trainer.seed=-1"], "trainer.seed=-1 must be >= 0", id="trainer-seed-negative"),
-    case("value", SAMPLE, ["checkpoint={cond}", "sample.seed=abc"], "sample.seed='abc' must be of type int",
-         id="sample-seed-str"),  # fmt: skip
+    case(
+        "value",
+        SAMPLE,
+        ["checkpoint={cond}", "sample.seed=abc"],
+        "sample.seed='abc' must be of type int",
+        id="sample-seed-str",
+    ),
     case("value", SAMPLE, ["checkpoint={cond}", "sample.seed=-5"], "sample.seed=-5 must be >= 0", id="sample-seed-neg"),
     case("value", EVALUATE, ["checkpoint={cond}", "eval.seed=-1"], "eval.seed=-1 must be >= 0", id="eval-seed-neg"),
     case("value", RUN, ["trainer.device=mps"], "trainer.device='mps'", "auto, cpu, cuda or cuda:N", id="device-mps"),
-    case("value", RUN, ["trainer.device=meta"], "trainer.device='meta'", "auto, cpu, cuda or cuda:N",
-         id="device-meta"),  # fmt: skip
+    case("value", RUN, ["trainer.device=meta"], "trainer.device='meta'", "auto, cpu, cuda or cuda:N", id="device-meta"),
     case("value", SAMPLE, ["checkpoint={cond}", "sample.device=meta"], "sample.device='meta'", id="sample-device-meta"),
-    case("value", RUN, ["model.in_channels=3"], "model.in_channels=3", "1 channel", resume="never",
-         id="in-channels-vs-dataset"),  # fmt: skip
-    case("value", RUN, ["model.out_channels=3"], "model.out_channels=3", "model.in_channels=1", resume="never",
-         id="out-channels-vs-dataset"),  # fmt: skip
-    case("value", SAMPLE, ["checkpoint={cond}", "sample.use_ema=maybe"], "sample.use_ema='maybe' must be of type bool",
-         id="sample-use-ema-str"),  # fmt: skip
+    case(
+        "value",
+        RUN,
+        ["model.in_channels=3"],
+        "model.in_channels=3",
+        "1 channel",
+        resume="never",
+        id="in-channels-vs-dataset",
+    ),
+    case(
+        "value",
+        RUN,
+        ["model.out_channels=3"],
+        "model.out_channels=3",
+        "model.in_channels=1",
+        resume="never",
+        id="out-channels-vs-dataset",
+    ),
+    case(
+        "value",
+        SAMPLE,
+        ["checkpoint={cond}", "sample.use_ema=maybe"],
+        "sample.use_ema='maybe' must be of type bool",
+        id="sample-use-ema-str",
+    ),
     case("value", RUN, ["trainer.use_ema=maybe"], "trainer.use_ema='maybe' must be of type bool", id="use-ema-str"),
-    case("value", RUN, ["+lerning_rate=0.1"], "lerning_rate=0.1 is not a key of the config", id="added-unknown-top-level-key"),
-    case("value", RUN, ["+optimizer.lerning_rate=0.1"], "optimizer.lerning_rate is not a setting of optimizer", "'lr'",
-         id="added-unknown-optimizer-key"),  # fmt: skip
-    case("value", RUN, ["+model.dropuot=0.1"], "model.dropuot", "did you mean model.dropout",
-         id="added-unknown-model-key"),  # fmt: skip
+    case(
+        "value",
+        RUN,
+        ["+lerning_rate=0.1"],
+        "lerning_rate=0.1 is not a key of the config",
+        id="added-unknown-top-level-key",
+    ),
+    case(
+        "value",
+        RUN,
+        ["+optimizer.lerning_rate=0.1"],
+        "optimizer.lerning_rate is not a setting of optimizer",
+        "'lr'",
+        id="added-unknown-optimizer-key",
+    ),
+    case(
+        "value",
+        RUN,
+        ["+model.dropuot=0.1"],
+        "model.dropuot",
+        "did you mean model.dropout",
+        id="added-unknown-model-key",
+    ),
     case("value", RUN, ["+sampler.etaa=0.5"], "sampler.etaa", "did you mean", id="added-unknown-sampler-key"),
     case("value", RUN, ["+trainer.lerning_rate=0.1"], "trainer.lerning_rate", id="added-unknown-trainer-key"),
     case("value", RUN, ["optimizer.lr=inf"], "optimizer.lr=inf", "finite number > 0", id="lr-inf"),
     case("value", RUN, ["optimizer.lr=nan"], "optimizer.lr=nan", "finite number > 0", id="lr-nan"),
     case("value", RUN, ["optimizer.lr=0"], "optimizer.lr=0", "finite number > 0", id="lr-zero"),
     case("value", RUN, ["model.num_groups=0"], "model.num_groups=0", resume="never", id="num-groups-zero"),
-    case("value", RUN, ["dataset.image_size=9"], "dataset.image_size=9", resume="never",
-         id="image-size-named-as-typed"),  # fmt: skip
+    case(
+        "value", RUN, ["dataset.image_size=9"], "dataset.image_size=9", resume="never", id="image-size-named-as-typed"
+    ),
     # Data: a file a worker cannot decode is named.
-    case("data", RUN, ["dataset=folder", "dataset.path={truncated_jpeg_dir}", "dataset.image_size=8",
-                       "dataset.channels=1", "trainer.use_labels=false", "trainer.num_workers=1", "trainer.batch_size=2",
-                       "hydra.run.dir={tmp}/jpeg_run"],
-         "broken.jpg", "dataset.path={truncated_jpeg_dir}", id="worker-cannot-decode"),  # fmt: skip
+    case(
+        "data",
+        RUN,
+        [
+            "dataset=folder",
+            "dataset.path={truncated_jpeg_dir}",
+            "dataset.image_size=8",
+            "dataset.channels=1",
+            "trainer.use_labels=false",
+            "trainer.num_workers=1",
+            "trainer.batch_size=2",
+            "hydra.run.dir={tmp}/jpeg_run",
+        ],
+        "broken.jpg",
+        "dataset.path={truncated_jpeg_dir}",
+        id="worker-cannot-decode",
+    ),
 ]
 
 
@@ -214,8 +407,9 @@ class mounted_tmpfs:
     def __enter__(self) -> Path | None:
         self.path.mkdir()
         if IS_ROOT:
-            result = subprocess.run(["mount", "-t", "tmpfs", "-o", self.options, "tmpfs", str(self.path)],
-                                    capture_output=True, text=True)  # fmt: skip
+            result = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", self.options, "tmpfs", str(self.path)], capture_output=True, text=True
+            )
             self.mounted = result.returncode == 0
         if not self.mounted and "ro" in self.options.split(","):
             self.path.chmod(0o555)
@@ -303,7 +497,12 @@ def test_resume_never_moves_the_earlier_run_aside_and_auto_keeps_to_its_own_run(
     [earlier] = (run_dir / "previous").iterdir()
     assert f"moved the files of the earlier run in {run_dir} to {earlier}" in " ".join(output.split())
     assert sorted(p.name for p in (earlier / "checkpoints").iterdir()) == [
-        "last.pt", "step_0000001.pt", "step_0000002.pt", "step_0000003.pt", "step_0000004.pt"]  # fmt: skip
+        "last.pt",
+        "step_0000001.pt",
+        "step_0000002.pt",
+        "step_0000003.pt",
+        "step_0000004.pt",
+    ]
     checkpoints = run_dir / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.pt", "step_0000001.pt", "step_0000002.pt"]
     second_run = json.loads((run_dir / "run.json").read_text())["run_id"]

@@ -1,4 +1,4 @@
-"""The one image generator (ddpm.generation): image i depends on (seed, i) alone, whatever the batch size, the
+"""The one image generator (ddpm.diffusion.generation): image i depends on (seed, i) alone, whatever the batch size, the
 sampler or the number of images drawn; and samples are written atomically."""
 
 from functools import partial
@@ -7,29 +7,46 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.diffusion import GaussianDiffusion
+from ddpm.diffusion.gaussian import GaussianDiffusion
+from ddpm.diffusion.generation import as_arrays, balanced_labels, draw_images, image_seed
+from ddpm.diffusion.samplers import ddim, ddpm_ancestral, dpm_solver, heun
+from ddpm.diffusion.schedules import linear_betas
 from ddpm.evaluation.samples import save_npz
-from ddpm.generation import as_arrays, balanced_labels, draw_images, image_seed
-from ddpm.samplers import ddim, ddpm_ancestral, dpm_solver, heun
-from ddpm.schedules import linear_betas
-from ddpm.unet import UNet
+from ddpm.model.unet import UNet
 
 CPU = torch.device("cpu")
-SAMPLERS = {"ddpm": ddpm_ancestral, "ddim-eta1": partial(ddim, steps=5, eta=1.0), "dpm_solver": partial(dpm_solver, steps=4),
-            "dpm_solver_sde": partial(dpm_solver, steps=4, eta=1.0), "heun": partial(heun, steps=3)}
+SAMPLERS = {
+    "ddpm": ddpm_ancestral,
+    "ddim-eta1": partial(ddim, steps=5, eta=1.0),
+    "dpm_solver": partial(dpm_solver, steps=4),
+    "dpm_solver_sde": partial(dpm_solver, steps=4, eta=1.0),
+    "heun": partial(heun, steps=3),
+}
 
 
 @pytest.fixture(scope="module")
 def diffusion():
     torch.manual_seed(0)
-    model = UNet(in_channels=1, image_size=8, base_channels=8, channel_mults=(1,), num_res_blocks=1, num_groups=4,
-                 attention_resolutions=(), dropout=0.0, use_labels=True, num_classes=3)  # fmt: skip
+    model = UNet(
+        in_channels=1,
+        image_size=8,
+        base_channels=8,
+        channel_mults=(1,),
+        num_res_blocks=1,
+        num_groups=4,
+        attention_resolutions=(),
+        dropout=0.0,
+        use_labels=True,
+        num_classes=3,
+    )
     return GaussianDiffusion(model, linear_betas(50), 8, 1).eval()
 
 
 def draw(diffusion, sampler, images: range, batch_size: int, seed: int = 0) -> np.ndarray:
     labels = balanced_labels(images.stop, [0, 1, 2])
-    batches = draw_images(diffusion, sampler, images=images, batch_size=batch_size, seed=seed, device=CPU, labels=labels)
+    batches = draw_images(
+        diffusion, sampler, images=images, batch_size=batch_size, seed=seed, device=CPU, labels=labels
+    )
     return torch.cat([batch.images for batch in batches]).numpy()
 
 
@@ -51,8 +68,17 @@ def test_labels_and_seeds_are_functions_of_the_index():
 
 
 def test_as_arrays_gives_the_npz_layout(diffusion):
-    arrays = as_arrays(draw_images(diffusion, SAMPLERS["dpm_solver"], images=range(5), batch_size=2, seed=0,
-                                   device=CPU, labels=balanced_labels(5, [0, 1, 2])))  # fmt: skip
+    arrays = as_arrays(
+        draw_images(
+            diffusion,
+            SAMPLERS["dpm_solver"],
+            images=range(5),
+            batch_size=2,
+            seed=0,
+            device=CPU,
+            labels=balanced_labels(5, [0, 1, 2]),
+        )
+    )
     assert arrays["arr_0"].shape == (5, 8, 8, 1) and arrays["arr_0"].dtype == np.uint8
     assert arrays["arr_1"].tolist() == [0, 1, 2, 0, 1]
 

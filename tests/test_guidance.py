@@ -3,19 +3,28 @@
 
 import pytest
 import torch
-
-from ddpm.diffusion import GaussianDiffusion
-from ddpm.errors import ConfigError
-from ddpm.schedules import linear_betas
-from ddpm.train_settings import TrainSettings
-from ddpm.unet import UNet
 from test_training import run_loop, tiny_diffusion
+
+from ddpm.config.errors import ConfigError
+from ddpm.diffusion.gaussian import GaussianDiffusion
+from ddpm.diffusion.schedules import linear_betas
+from ddpm.model.unet import UNet
+from ddpm.training.settings import TrainSettings
 
 
 def tiny(null_class: bool) -> GaussianDiffusion:
     torch.manual_seed(0)
-    model = UNet(in_channels=1, image_size=16, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
-                 num_groups=4, use_labels=True, num_classes=10, null_class=null_class)  # fmt: skip
+    model = UNet(
+        in_channels=1,
+        image_size=16,
+        base_channels=8,
+        channel_mults=(1, 2),
+        num_res_blocks=1,
+        num_groups=4,
+        use_labels=True,
+        num_classes=10,
+        null_class=null_class,
+    )
     return GaussianDiffusion(model, linear_betas(50), 16, 1)
 
 
@@ -81,8 +90,15 @@ def test_training_replaces_about_the_given_share_of_labels_by_the_null_label(tmp
         return original(self, x, t, y)
 
     monkeypatch.setattr(UNet, "forward", recording_forward)
-    run_loop(tmp_path, diffusion=tiny_diffusion(null_class=True), iterations=8, label_dropout=0.5, log_rate=0,
-             checkpoint_rate=0, sample_at_end=False)  # fmt: skip
+    run_loop(
+        tmp_path,
+        diffusion=tiny_diffusion(null_class=True),
+        iterations=8,
+        label_dropout=0.5,
+        log_rate=0,
+        checkpoint_rate=0,
+        sample_at_end=False,
+    )
     labels = torch.cat(seen)
     share = (labels == 10).float().mean().item()
     assert labels.numel() == 8 * 16 and 0.35 < share < 0.65

@@ -12,34 +12,53 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config
 from diffusers import DDPMScheduler, UNet2DModel
 from hydra.utils import instantiate
+from main_in_process import run_in_process, run_main_in_process
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from conftest import compose_config
-from main_in_process import run_in_process, run_main_in_process
-from ddpm.build import load_diffusion
-from ddpm.checkpoint import load_checkpoint, save_checkpoint
-from ddpm.errors import ConfigError
-from ddpm.tasks.import_weights import SCHEDULER_DEFAULTS, UNET2D_DEFAULTS, model_options, schedule_from
-from ddpm.unet import UNet
-from ddpm.unet_blocks import AttentionBlock, Downsample, sinusoidal_embedding
+from ddpm.config.errors import ConfigError
+from ddpm.diffusion.build import load_diffusion
+from ddpm.io.checkpoint import load_checkpoint, save_checkpoint
+from ddpm.io.diffusers_config import SCHEDULER_DEFAULTS, UNET2D_DEFAULTS, model_options, schedule_from
+from ddpm.model.blocks import AttentionBlock, Downsample, sinusoidal_embedding
+from ddpm.model.unet import UNet
 
 # google/ddpm-cifar10-32's config.json (experiments/compare_diffusers.py): the up path's attention sits in the
 # second up block (8x8), the down path's at 16x16; TensorFlow's padding, GroupNorm eps 1e-6, the DDPM paper's
 # timestep features (sin first, frequencies 1 ... 1/10000).
 HUB = {
-    "sample_size": 32, "in_channels": 3, "out_channels": 3, "block_out_channels": [128, 256, 256, 256],
-    "layers_per_block": 2, "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"], "norm_num_groups": 32,
-    "norm_eps": 1e-6, "act_fn": "silu", "attention_head_dim": None, "downsample_padding": 0,
-    "flip_sin_to_cos": False, "freq_shift": 1, "mid_block_scale_factor": 1, "time_embedding_type": "positional",
-    "resnet_time_scale_shift": "default", "add_attention": True, "center_input_sample": False,
-}  # fmt: skip
+    "sample_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": [128, 256, 256, 256],
+    "layers_per_block": 2,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+    "norm_num_groups": 32,
+    "norm_eps": 1e-6,
+    "act_fn": "silu",
+    "attention_head_dim": None,
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "mid_block_scale_factor": 1,
+    "time_embedding_type": "positional",
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+    "center_input_sample": False,
+}
 NARROW = {**HUB, "block_out_channels": [32, 64, 64, 64], "norm_num_groups": 8}  # the same shape, 16x fewer weights
-DDPM_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-                  "variance_type": "fixed_large", "clip_sample": True}  # fmt: skip
+DDPM_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "variance_type": "fixed_large",
+    "clip_sample": True,
+}
 TIMESTEPS = torch.tensor([0, 1, 10, 250, 500, 999])
 THREADS = ["logger=none", "trainer.num_threads=1"]
 TOLERANCE = 1e-5
@@ -102,16 +121,31 @@ def test_the_checkpoint_is_one_of_ours_with_the_schedule_of_scheduler_config_jso
     state = load_checkpoint(hub_shaped["checkpoint"])  # its digest checked: no trust_checkpoint needed
     assert state["step"] == 0 and state["imported_from"]["weights"] == "diffusion_pytorch_model.safetensors"
     config = state["config"]
-    assert config["schedule"] == {"_target_": "ddpm.schedules.linear_betas", "num_timesteps": 1000, "low": 1e-4,
-                                  "high": 0.02}  # fmt: skip
-    assert config["dataset"]["_target_"] == "ddpm.data.cifar10.cifar10" and config["task"]["_target_"].endswith("train.run")
+    assert config["schedule"] == {
+        "_target_": "ddpm.diffusion.schedules.linear_betas",
+        "num_timesteps": 1000,
+        "low": 1e-4,
+        "high": 0.02,
+    }
+    assert config["dataset"]["_target_"] == "ddpm.data.cifar10.cifar10" and config["task"]["_target_"].endswith(
+        "train.run"
+    )
     assert "import" not in config
     diffusion, _ = load_diffusion(hub_shaped["checkpoint"])
-    torch.testing.assert_close(diffusion.betas.double(), DDPMScheduler(**DDPM_SCHEDULER).betas.double(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        diffusion.betas.double(), DDPMScheduler(**DDPM_SCHEDULER).betas.double(), rtol=1e-6, atol=0
+    )
 
 
-@pytest.mark.parametrize("change", [{"norm_eps": 1e-5}, {"downsample_padding": "symmetric"},
-                                    {"time_embedding_freq_shift": 0}, {"time_embedding_order": "cos_sin"}])  # fmt: skip
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"norm_eps": 1e-5},
+        {"downsample_padding": "symmetric"},
+        {"time_embedding_freq_shift": 0},
+        {"time_embedding_order": "cos_sin"},
+    ],
+)
 def test_without_each_convention_the_outputs_differ(change, hub_shaped):
     """Each option is needed: this project's own value in its place moves the outputs well past the tolerance."""
     state = load_checkpoint(hub_shaped["checkpoint"])
@@ -122,9 +156,17 @@ def test_without_each_convention_the_outputs_differ(change, hub_shaped):
 
 
 def test_an_imported_checkpoint_samples_with_task_sample(hub_shaped, tmp_path):
-    run_in_process("task=sample", f"checkpoint={hub_shaped['checkpoint']}", *THREADS, "sample.num_images=2",
-                   "sample.batch_size=2", "sample.device=cpu", "sampler=ddim", "sampler.steps=3",
-                   f"hydra.run.dir={tmp_path}")  # fmt: skip
+    run_in_process(
+        "task=sample",
+        f"checkpoint={hub_shaped['checkpoint']}",
+        *THREADS,
+        "sample.num_images=2",
+        "sample.batch_size=2",
+        "sample.device=cpu",
+        "sampler=ddim",
+        "sampler.steps=3",
+        f"hydra.run.dir={tmp_path}",
+    )
     images = np.load(tmp_path / "samples" / "samples.npz")["arr_0"]
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
 
@@ -144,7 +186,8 @@ def test_weights_saved_by_older_diffusers_as_bin_with_the_old_attention_names(hu
     for name, tensor in load_file(hub_shaped["source"] / "diffusion_pytorch_model.safetensors").items():
         for new, old in old_names.items():
             name = name.replace(f".attentions.0.{new}.", f".attentions.0.{old}.").replace(
-                f".attentions.1.{new}.", f".attentions.1.{old}.")
+                f".attentions.1.{new}.", f".attentions.1.{old}."
+            )
         state[name] = tensor
     assert any(".query." in name for name in state)
     source = tmp_path / "old"
@@ -158,9 +201,16 @@ def test_weights_saved_by_older_diffusers_as_bin_with_the_old_attention_names(hu
 def test_diffusers_own_conventions_and_a_pipeline_directory(tmp_path):
     """diffusers' defaults (cosines first, freq_shift 0, heads of 8 channels, symmetric padding, eps 1e-5), saved
     as a pipeline (unet/ and scheduler/), with a cosine schedule."""
-    config = {"sample_size": 32, "block_out_channels": [16, 32], "layers_per_block": 1, "norm_num_groups": 4,
-              "down_block_types": ["AttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "AttnUpBlock2D"],
-              "time_embedding_dim": 48, "dropout": 0.1}  # fmt: skip
+    config = {
+        "sample_size": 32,
+        "block_out_channels": [16, 32],
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "down_block_types": ["AttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "AttnUpBlock2D"],
+        "time_embedding_dim": 48,
+        "dropout": 0.1,
+    }
     theirs = diffusers_model(config)
     save(theirs, tmp_path / "pipeline" / "unet", scheduler=None)
     scheduler = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
@@ -174,8 +224,14 @@ def test_diffusers_own_conventions_and_a_pipeline_directory(tmp_path):
     torch.testing.assert_close(diffusion.betas.double(), DDPMScheduler(**scheduler).betas.double(), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("scheduler", [{"num_train_timesteps": 500}, {"beta_start": 2e-4, "beta_end": 0.01},
-                                       {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 4000}])  # fmt: skip
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        {"num_train_timesteps": 500},
+        {"beta_start": 2e-4, "beta_end": 0.01},
+        {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 4000},
+    ],
+)
 def test_schedules_have_diffusers_betas(scheduler, tmp_path):
     ours = instantiate(schedule_from(scheduler, tmp_path / "scheduler_config.json"))
     torch.testing.assert_close(ours, DDPMScheduler(**scheduler).betas.double(), rtol=1e-6, atol=1e-7)
@@ -198,8 +254,10 @@ def test_the_defaults_written_here_are_diffusers_own():
     "change, message",
     [
         ({"_class_name": "UNet2DConditionModel"}, r"_class_name='UNet2DConditionModel'; only a diffusers UNet2DModel"),
-        ({"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"]},
-         r"down_block_types=.*CrossAttnDownBlock2D.*each one of \['DownBlock2D', 'AttnDownBlock2D'\]"),
+        (
+            {"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"]},
+            r"down_block_types=.*CrossAttnDownBlock2D.*each one of \['DownBlock2D', 'AttnDownBlock2D'\]",
+        ),
         ({"up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}, r"up_block_types=.*4 blocks"),
         ({"act_fn": "gelu"}, r"act_fn='gelu' cannot be imported: only 'silu'"),
         ({"class_embed_type": "timestep"}, r"class_embed_type='timestep' cannot be imported: diffusers adds class"),
@@ -267,11 +325,21 @@ class Code:
         ("no source", r"task=import needs import.source=DIR"),
         ("no config.json", r"holds no config.json \(nor unet/config.json\): it is not a diffusers model directory"),
         ("no weights", r"holds config.json but no diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin"),
-        ("missing tensor", (r"has no tensor down_blocks.1.attentions.0.to_k.weight, which the architecture of "
-                            r"config.json has \(down.1.blocks.0.attention.to_qkv.weight here\)")),
+        (
+            "missing tensor",
+            (
+                r"has no tensor down_blocks.1.attentions.0.to_k.weight, which the architecture of "
+                r"config.json has \(down.1.blocks.0.attention.to_qkv.weight here\)"
+            ),
+        ),
         ("extra tensor", r"holds 1 tensor\(s\) that the architecture of config.json has no place for: extra.weight"),
-        ("wrong shape", (r"up_blocks.2.resnets.0.conv1.bias is a torch.float32 tensor of shape \[63\], but the "
-                         r"architecture of config.json needs a floating-point one of shape \[64\]")),
+        (
+            "wrong shape",
+            (
+                r"up_blocks.2.resnets.0.conv1.bias is a torch.float32 tensor of shape \[63\], but the "
+                r"architecture of config.json needs a floating-point one of shape \[64\]"
+            ),
+        ),
         ("unbuildable", r"config.json describes a UNet this project cannot build: model.num_groups=7 must divide"),
         ("other size", r"the imported model has image_size=64, but dataset.image_size=32: name the dataset"),
         ("code in the weights", r"holds objects other than tensors, which are not loaded"),
@@ -305,8 +373,9 @@ def test_what_cannot_be_imported_ends_in_one_line(case, message, hub_shaped, tmp
         extra = ["trainer.use_labels=true"] if case == "conditional" else [f"import.out={hub_shaped['checkpoint']}"]
     arguments = [] if case == "no source" else [f"import.source={source}"]
     before = hub_shaped["checkpoint"].read_bytes()
-    code, output = run_main_in_process(["task=import", *arguments, *THREADS, *extra, f"hydra.run.dir={tmp_path / 'run'}"],
-                                       capfd)  # fmt: skip
+    code, output = run_main_in_process(
+        ["task=import", *arguments, *THREADS, *extra, f"hydra.run.dir={tmp_path / 'run'}"], capfd
+    )
     errors = [line for line in output.splitlines() if "[ERROR]" in line]
     assert code == 1 and len(errors) == 1 and "Traceback" not in output and "this ran" not in output, output
     assert re.search(message, errors[0]), errors[0]
@@ -320,7 +389,11 @@ def test_what_cannot_be_imported_ends_in_one_line(case, message, hub_shaped, tmp
 def test_the_convention_options_default_to_this_projects_own_unet():
     node = compose_config().model
     assert (node.norm_eps, node.downsample_padding, node.up_attention_resolutions, node.attention_head_dim) == (
-        1e-5, "symmetric", None, None)  # fmt: skip
+        1e-5,
+        "symmetric",
+        None,
+        None,
+    )
     assert (node.time_embedding_order, node.time_embedding_freq_shift) == ("sin_cos", 1)
     small = {"base_channels": 32, "channel_mults": [1, 2, 2], "num_groups": 8, "attention_resolutions": [1]}
     torch.manual_seed(0)
@@ -340,8 +413,14 @@ def test_a_checkpoint_from_before_the_options_existed_loads_the_same_network(tmp
     """An older checkpoint's config has none of the new keys: it builds the network it was trained as."""
     cfg = compose_config(*THREADS, "model.base_channels=16", "model.channel_mults=[1,2]", "model.num_groups=8")
     config = OmegaConf.to_container(cfg, resolve=True)
-    new = ("norm_eps", "downsample_padding", "up_attention_resolutions", "attention_head_dim", "time_embedding_order",
-           "time_embedding_freq_shift")  # fmt: skip
+    new = (
+        "norm_eps",
+        "downsample_padding",
+        "up_attention_resolutions",
+        "attention_head_dim",
+        "time_embedding_order",
+        "time_embedding_freq_shift",
+    )
     older = copy.deepcopy(config)
     for key in new:
         del older["model"][key]
@@ -359,8 +438,20 @@ def test_an_imported_checkpoint_evaluates_with_task_evaluate(hub_shaped, tmp_pat
 
     written = write_cifar_archive(tmp_path / "cifar")
     trust_cifar_archive(monkeypatch, written)
-    run_in_process("task=evaluate", f"checkpoint={hub_shaped['checkpoint']}", *THREADS, f"paths.data_dir={written.root}",
-                   "fid=tiny", "eval.device=cpu", "eval.num_samples=8", "eval.batch_size=4", "eval.is_splits=2",
-                   "eval.precision_recall=false", "sampler=ddim", "sampler.steps=3", f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
+    run_in_process(
+        "task=evaluate",
+        f"checkpoint={hub_shaped['checkpoint']}",
+        *THREADS,
+        f"paths.data_dir={written.root}",
+        "fid=tiny",
+        "eval.device=cpu",
+        "eval.num_samples=8",
+        "eval.batch_size=4",
+        "eval.is_splits=2",
+        "eval.precision_recall=false",
+        "sampler=ddim",
+        "sampler.steps=3",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["num_samples"] == 8 and math.isfinite(metrics["fid"])

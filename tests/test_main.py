@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import PROJECT_ROOT, run_main
 from main_in_process import run_in_process, run_main_in_process
+from PIL import Image
 from wandb_records import config_values, history_rows, read_wandb_records
 
 pytestmark = pytest.mark.slow
@@ -35,9 +34,17 @@ TINY = [
 def trained_run(tmp_path_factory):
     """One class-conditional training run of 6 steps, shared by the tests that inspect its outputs."""
     run_dir = tmp_path_factory.mktemp("train")
-    run_main(*TINY, "trainer.use_labels=true", "trainer.iterations=6", "trainer.log_rate=3",
-             "trainer.checkpoint_rate=3", "trainer.sample_rate=6", "logger=wandb", "logger.mode=offline",
-             f"hydra.run.dir={run_dir}")  # fmt: skip
+    run_main(
+        *TINY,
+        "trainer.use_labels=true",
+        "trainer.iterations=6",
+        "trainer.log_rate=3",
+        "trainer.checkpoint_rate=3",
+        "trainer.sample_rate=6",
+        "logger=wandb",
+        "logger.mode=offline",
+        f"hydra.run.dir={run_dir}",
+    )
     return run_dir
 
 
@@ -75,9 +82,16 @@ def test_wandb_offline_run_records_config_and_losses(trained_run):
 
 def test_sample_task_writes_a_balanced_npz_and_pngs(trained_run, tmp_path):
     out_dir = tmp_path / "gen"
-    run_in_process("task=sample", f"checkpoint={trained_run / 'checkpoints' / 'last.pt'}", "sample.num_images=10",
-                   "sample.batch_size=4", f"sample.out_dir={out_dir}", "sample.sequence=true",
-                   "sample.sequence_frames=5", f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
+    run_in_process(
+        "task=sample",
+        f"checkpoint={trained_run / 'checkpoints' / 'last.pt'}",
+        "sample.num_images=10",
+        "sample.batch_size=4",
+        f"sample.out_dir={out_dir}",
+        "sample.sequence=true",
+        "sample.sequence_frames=5",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     samples = np.load(out_dir / "samples.npz")
     assert samples["arr_0"].shape == (10, 16, 16, 1) and samples["arr_0"].dtype == np.uint8
     assert sorted(samples["arr_1"].tolist()) == list(range(10))  # an equal share (one) per class
@@ -85,24 +99,44 @@ def test_sample_task_writes_a_balanced_npz_and_pngs(trained_run, tmp_path):
     assert Image.open(out_dir / "sequence.png").size == (2 + 5 * 66, 2 + 8 * 66)
 
     again = tmp_path / "again"
-    run_in_process("task=sample", f"checkpoint={trained_run / 'checkpoints' / 'last.pt'}", "sample.num_images=10",
-                   "sample.batch_size=4", f"sample.out_dir={again}", f"hydra.run.dir={tmp_path / 'run2'}")
+    run_in_process(
+        "task=sample",
+        f"checkpoint={trained_run / 'checkpoints' / 'last.pt'}",
+        "sample.num_images=10",
+        "sample.batch_size=4",
+        f"sample.out_dir={again}",
+        f"hydra.run.dir={tmp_path / 'run2'}",
+    )
     np.testing.assert_array_equal(np.load(again / "samples.npz")["arr_0"], samples["arr_0"])  # same seed
 
 
 def test_unconditional_run_and_a_local_multirun_sweep(tmp_path):
-    run_in_process("-m", *TINY, "schedule=linear,cosine", "trainer.iterations=2", "trainer.log_rate=1",
-                   "trainer.sample_at_end=false", "logger=none", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
+    run_in_process(
+        "-m",
+        *TINY,
+        "schedule=linear,cosine",
+        "trainer.iterations=2",
+        "trainer.log_rate=1",
+        "trainer.sample_at_end=false",
+        "logger=none",
+        f"hydra.sweep.dir={tmp_path}",
+    )
     jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and p.name.isdigit())
     assert len(jobs) == 2
-    targets = [torch.load(job / "checkpoints" / "last.pt", weights_only=True)["config"]["schedule"]["_target_"]
-               for job in jobs]  # fmt: skip
-    assert targets == ["ddpm.schedules.linear_betas", "ddpm.schedules.cosine_betas"]
+    targets = [
+        torch.load(job / "checkpoints" / "last.pt", weights_only=True)["config"]["schedule"]["_target_"] for job in jobs
+    ]
+    assert targets == ["ddpm.diffusion.schedules.linear_betas", "ddpm.diffusion.schedules.cosine_betas"]
 
 
 def test_experiments_compose_from_any_working_directory(tmp_path):
-    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "main.py"), "experiment=quickstart", "--cfg", "job"],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "main.py"), "experiment=quickstart", "--cfg", "job"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "_target_: ddpm.data.digits.digits" in result.stdout and "use_labels: true" in result.stdout
 
@@ -142,24 +176,39 @@ def test_labels_on_a_folder_without_classes_are_refused(tmp_path, capfd):
     images.mkdir()
     for index in range(4):
         Image.new("RGB", (16, 16), color=(index * 40, 0, 0)).save(images / f"{index}.png")
-    code, output = run_main_in_process(["dataset=folder", f"dataset.path={images}", "dataset.image_size=16",
-                                        "trainer.use_labels=true", *TINY[1:], "logger=none",
-                                        f"hydra.run.dir={tmp_path / 'run'}"], capfd)  # fmt: skip
+    code, output = run_main_in_process(
+        [
+            "dataset=folder",
+            f"dataset.path={images}",
+            "dataset.image_size=16",
+            "trainer.use_labels=true",
+            *TINY[1:],
+            "logger=none",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capfd,
+    )
     assert code == 1 and "trainer.use_labels=true needs class labels" in output, output
 
 
 def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path, capfd):
     bogus = Path(tmp_path / "notes.pt")
     bogus.write_text("not a checkpoint")
-    code, output = run_main_in_process(["task=sample", f"checkpoint={bogus}", f"hydra.run.dir={tmp_path / 'run'}"],
-                                       capfd)  # fmt: skip
+    code, output = run_main_in_process(
+        ["task=sample", f"checkpoint={bogus}", f"hydra.run.dir={tmp_path / 'run'}"], capfd
+    )
     assert code == 1 and "is not a checkpoint: it holds text" in output, output
 
 
 def test_data_on_the_device_trains_exactly_like_dataloader_workers(tmp_path):
     """The same batches either way (the digits have no flips), so the same weights, bit for bit."""
-    steps = ["trainer.iterations=4", "trainer.log_rate=2", "trainer.checkpoint_rate=0", "logger=none",
-             "trainer.sample_at_end=false"]  # fmt: skip
+    steps = [
+        "trainer.iterations=4",
+        "trainer.log_rate=2",
+        "trainer.checkpoint_rate=0",
+        "logger=none",
+        "trainer.sample_at_end=false",
+    ]
     run_in_process(*TINY, *steps, "trainer.data_on_device=true", f"hydra.run.dir={tmp_path / 'device'}")
     run_in_process(*TINY, *steps, "trainer.data_on_device=false", f"hydra.run.dir={tmp_path / 'workers'}")
     assert "batches from DeviceBatches" in (tmp_path / "device" / "main.log").read_text()
@@ -169,9 +218,18 @@ def test_data_on_the_device_trains_exactly_like_dataloader_workers(tmp_path):
 
 
 def test_benchmark_prints_a_table_and_a_json_line_and_writes_benchmark_json(tmp_path):
-    result = run_main(*TINY, "task=benchmark", "logger=none", "benchmark.batch_size=8", "benchmark.sample_batch_size=8",
-                      "benchmark.warmup_steps=1", "benchmark.steps=3", "benchmark.data_batches=3",
-                      "benchmark.precisions=[fp32,bf16]", f"hydra.run.dir={tmp_path}")  # fmt: skip
+    result = run_main(
+        *TINY,
+        "task=benchmark",
+        "logger=none",
+        "benchmark.batch_size=8",
+        "benchmark.sample_batch_size=8",
+        "benchmark.warmup_steps=1",
+        "benchmark.steps=3",
+        "benchmark.data_batches=3",
+        "benchmark.precisions=[fp32,bf16]",
+        f"hydra.run.dir={tmp_path}",
+    )
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     printed = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
     assert printed == saved

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.metrics import (
+from ddpm.evaluation.metrics import (
     feature_statistics,
     frechet_distance,
     inception_score,
@@ -109,7 +109,7 @@ def test_frechet_distance_equals_the_closed_form_of_two_gaussians_with_commuting
 def _unbiased_mmd2(x, y):
     """MMD^2 with the cubic polynomial kernel, term by term (Binkowski et al. 2018, eq. 2), in loops."""
     d, m = x.shape[1], len(x)
-    k = lambda a, b: (a @ b / d + 1) ** 3  # noqa: E731
+    k = lambda a, b: (a @ b / d + 1) ** 3
     xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
@@ -123,8 +123,17 @@ def test_kid_on_whole_sets_equals_the_unbiased_mmd_and_torch_fidelity():
     real, fake = rng.normal(size=(40, 8)), rng.normal(0.3, 1.2, size=(40, 8))
     kid, std = kernel_inception_distance(real, fake, num_subsets=1, subset_size=40)  # a subset of all rows: no sampling
     assert kid == pytest.approx(_unbiased_mmd2(real, fake), rel=1e-10) and std == 0
-    theirs = kid_features_to_metric(torch.from_numpy(real), torch.from_numpy(fake), kid_subsets=1, kid_subset_size=40,
-                                    kid_degree=3, kid_gamma=None, kid_coef0=1, rng_seed=0, verbose=False)  # fmt: skip
+    theirs = kid_features_to_metric(
+        torch.from_numpy(real),
+        torch.from_numpy(fake),
+        kid_subsets=1,
+        kid_subset_size=40,
+        kid_degree=3,
+        kid_gamma=None,
+        kid_coef0=1,
+        rng_seed=0,
+        verbose=False,
+    )
     assert kid == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-10)
 
 

@@ -7,15 +7,16 @@ import math
 import mpmath
 import pytest
 import torch
+from conftest import compose_config
 from torch import nn
 
-from conftest import compose_config
-from ddpm import objectives
-from ddpm.build import build_diffusion
-from ddpm.diffusion import GaussianDiffusion
-from ddpm.errors import ConfigError
-from ddpm.objectives import PREDICTIONS, denoiser, eps_and_x0, training_target
-from ddpm.samplers import ddim, ddpm_ancestral, dpm_solver, heun
+from ddpm.config.errors import ConfigError
+from ddpm.diffusion import objectives
+from ddpm.diffusion.bound import bound_term, prior_bits
+from ddpm.diffusion.build import build_diffusion
+from ddpm.diffusion.gaussian import GaussianDiffusion
+from ddpm.diffusion.objectives import PREDICTIONS, denoiser, eps_and_x0, training_target
+from ddpm.diffusion.samplers import ddim, ddpm_ancestral, dpm_solver, heun
 
 SHAPE = (64, 1, 2, 2)
 
@@ -34,7 +35,10 @@ def scales(betas, t):
 
 def test_conversions_between_eps_x0_and_v_are_the_closed_forms():
     generator = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(SHAPE, generator=generator, dtype=torch.float64), torch.randn(SHAPE, generator=generator, dtype=torch.float64)
+    x0, eps = (
+        torch.randn(SHAPE, generator=generator, dtype=torch.float64),
+        torch.randn(SHAPE, generator=generator, dtype=torch.float64),
+    )
     t = torch.randint(0, 40, (SHAPE[0],), generator=generator)
     alpha, sigma = scales(betas_of(), t)
     x_t = alpha * x0 + sigma * eps
@@ -94,8 +98,12 @@ def test_samplers_give_the_same_images_whichever_target_the_denoiser_predicts(na
     betas = betas_of()
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
     images = {
-        prediction: SAMPLERS[name](denoiser(exact_network(prediction, betas), prediction, betas), x_T, betas.float(),
-                                   torch.Generator().manual_seed(3))  # fmt: skip
+        prediction: SAMPLERS[name](
+            denoiser(exact_network(prediction, betas), prediction, betas),
+            x_T,
+            betas.float(),
+            torch.Generator().manual_seed(3),
+        )
         for prediction in PREDICTIONS
     }
     torch.testing.assert_close(images["x0"], images["eps"], rtol=1e-4, atol=1e-4)
@@ -135,15 +143,18 @@ def test_min_snr_weights_every_target_alike_in_x0_space(weighting, gamma):
             implied_eps = (x_t - alpha * wrong_x0) / sigma
             return training_target(prediction, wrong_x0, implied_eps, alpha, sigma)
 
-        diffusion = GaussianDiffusion(Fixed(respond), betas, image_size=2, channels=1, prediction=prediction,
-                                      weighting=weighting, snr_gamma=gamma)  # fmt: skip
+        diffusion = GaussianDiffusion(
+            Fixed(respond), betas, image_size=2, channels=1, prediction=prediction, weighting=weighting, snr_gamma=gamma
+        )
         losses[prediction] = diffusion.losses(x0, t=t, noise=noise)
     ab = torch.cumprod(1 - betas.double(), 0)[t]
     snr = ab / (1 - ab)
     x0_error = ((wrong_x0 - x0) ** 2).flatten(1).mean(1).double()
     if weighting == "min_snr":
         for prediction in PREDICTIONS:
-            torch.testing.assert_close(losses[prediction].double(), snr.clamp(max=gamma) * x0_error, rtol=2e-3, atol=1e-6)
+            torch.testing.assert_close(
+                losses[prediction].double(), snr.clamp(max=gamma) * x0_error, rtol=2e-3, atol=1e-6
+            )
     else:
         torch.testing.assert_close(losses["eps"].double(), snr * x0_error, rtol=2e-3, atol=1e-6)
         torch.testing.assert_close(losses["x0"].double(), x0_error, rtol=2e-3, atol=1e-6)
@@ -156,7 +167,9 @@ def test_min_snr_weights_every_target_alike_in_x0_space(weighting, gamma):
 def test_normal_kl_is_the_closed_form():
     m1, lv1, m2, lv2 = 0.3, math.log(0.2), -0.5, math.log(1.7)
     expected = math.log(math.sqrt(1.7) / math.sqrt(0.2)) + (0.2 + (0.3 + 0.5) ** 2) / (2 * 1.7) - 0.5
-    got = objectives.normal_kl(torch.tensor([m1], dtype=torch.float64), lv1, torch.tensor([m2], dtype=torch.float64), lv2)
+    got = objectives.normal_kl(
+        torch.tensor([m1], dtype=torch.float64), lv1, torch.tensor([m2], dtype=torch.float64), lv2
+    )
     assert got.item() == pytest.approx(expected, rel=1e-12)
 
 
@@ -178,7 +191,7 @@ def test_the_discretized_gaussian_log_likelihood_of_a_known_image(dtype):
     levels = torch.tensor([0, 1, 17, 127, 128, 200, 254, 255], dtype=torch.float64) / 127.5 - 1
     cases = [(x, mean, scale) for x in levels.tolist() for mean, scale in ((0.1, 0.05), (-0.9, 0.3), (0.0, 0.004))]
     cases += [(0.5, -0.7, 0.02), (-0.5, 0.9, 0.03), (0.2, 0.2, 1e-3)]  # 60 and 47 scales into the tails; a sharp bin
-    x, mean, scale = (torch.tensor(column, dtype=dtype) for column in zip(*cases))
+    x, mean, scale = (torch.tensor(column, dtype=dtype) for column in zip(*cases, strict=True))
     got = objectives.discretized_gaussian_log_likelihood(x, mean, scale.log())
     expected = torch.tensor([reference_log_likelihood(*case) for case in cases], dtype=torch.float64)
     assert torch.isfinite(got).all()
@@ -190,7 +203,9 @@ def test_the_bound_of_gaussian_data_under_its_exact_model_is_the_analytic_value(
     """With the exact posterior mean E[x0 | x_t] and the fixed variance beta~, each KL term's expectation is
     0.5 * c1^2 Var[x0 | x_t] / beta~ (Ho et al. 2020, Eq. 7), and the prior term is exact per sample."""
     betas = betas_of(20).float()
-    diffusion = GaussianDiffusion(Fixed(exact_network("eps", betas)), betas, image_size=2, channels=1, variance="fixed_small")
+    diffusion = GaussianDiffusion(
+        Fixed(exact_network("eps", betas)), betas, image_size=2, channels=1, variance="fixed_small"
+    )
     generator = torch.Generator().manual_seed(5)
     x0 = MEAN + STD * torch.randn(4096, 1, 2, 2, generator=generator, dtype=torch.float64).float()
     ab = torch.cumprod(1 - betas.double(), 0)
@@ -200,13 +215,13 @@ def test_the_bound_of_gaussian_data_under_its_exact_model_is_the_analytic_value(
         noise = torch.randn(x0.shape, generator=generator)
         x_t = diffusion.q_sample(x0, t, noise)
         output = diffusion.model(x_t, t)
-        got = diffusion.bound_term(x0, x_t, t, output, 0.0).double().mean() * math.log(2)
+        got = bound_term(diffusion, x0, x_t, t, output, 0.0).double().mean() * math.log(2)
         c1 = ab_prev[step].sqrt() * betas[step].double() / (1 - ab[step])
         posterior_x0_variance = STD**2 * (1 - ab[step]) / (ab[step] * STD**2 + 1 - ab[step])
         beta_tilde = betas[step].double() * (1 - ab_prev[step]) / (1 - ab[step])
         expected = 0.5 * c1**2 * posterior_x0_variance / beta_tilde
         assert got.item() == pytest.approx(expected.item(), rel=0.05)
-    prior = diffusion.prior_bits(x0).double() * math.log(2)
+    prior = prior_bits(diffusion, x0).double() * math.log(2)
     a_T, s2_T = ab[-1], 1 - ab[-1]
     exact = 0.5 * (a_T * (x0.double() ** 2).flatten(1).mean(1) + s2_T - 1 - torch.log(s2_T))
     torch.testing.assert_close(prior, exact, rtol=1e-4, atol=1e-7)
@@ -224,7 +239,7 @@ def test_the_hybrid_loss_is_the_simple_loss_plus_lambda_T_times_the_bound_term_w
     loss = diffusion.losses(x0, t=t, noise=noise)
     simple = ((mean_output - noise) ** 2).flatten(1).mean(1)
     x_t = diffusion.q_sample(x0, t, noise)
-    bound = diffusion.bound_term(x0, x_t, t, mean_output, objectives.variance_fraction(variance_output))
+    bound = bound_term(diffusion, x0, x_t, t, mean_output, objectives.variance_fraction(variance_output))
     torch.testing.assert_close(loss, simple + 0.01 * 20 * bound)
     loss.sum().backward()
     simple_gradient = torch.autograd.grad(simple.sum(), mean_output)[0]
@@ -240,17 +255,30 @@ def test_the_hybrid_loss_is_the_simple_loss_plus_lambda_T_times_the_bound_term_w
 def test_a_learned_variance_pinned_to_an_end_samples_as_the_fixed_variance(pinned, fixed, steps):
     betas = betas_of(30).float()
     mean = exact_network("eps", betas)
-    learned = GaussianDiffusion(Fixed(lambda x, t: torch.cat([mean(x, t), torch.full_like(x, pinned)], 1), True),
-                                betas, image_size=2, channels=1, variance="learned_range")  # fmt: skip
+    learned = GaussianDiffusion(
+        Fixed(lambda x, t: torch.cat([mean(x, t), torch.full_like(x, pinned)], 1), True),
+        betas,
+        image_size=2,
+        channels=1,
+        variance="learned_range",
+    )
     fixed_diffusion = GaussianDiffusion(Fixed(mean), betas, image_size=2, channels=1, variance=fixed)
     images = [
-        d.sample(8, "cpu", generator=torch.Generator().manual_seed(7),
-                 sampler=lambda *a, **k: ddpm_ancestral(*a, steps=steps, **k))  # fmt: skip
+        d.sample(
+            8,
+            "cpu",
+            generator=torch.Generator().manual_seed(7),
+            sampler=lambda *a, **k: ddpm_ancestral(*a, steps=steps, **k),
+        )
         for d in (learned, fixed_diffusion)
     ]
     torch.testing.assert_close(images[0], images[1], rtol=1e-5, atol=1e-5)
-    pinned_by_sampler = fixed_diffusion.sample(8, "cpu", generator=torch.Generator().manual_seed(7),
-                                               sampler=lambda *a, **k: ddpm_ancestral(*a, steps=steps, variance=fixed, **k))  # fmt: skip
+    pinned_by_sampler = fixed_diffusion.sample(
+        8,
+        "cpu",
+        generator=torch.Generator().manual_seed(7),
+        sampler=lambda *a, **k: ddpm_ancestral(*a, steps=steps, variance=fixed, **k),
+    )
     torch.testing.assert_close(pinned_by_sampler, images[1])
 
 
@@ -269,8 +297,14 @@ def test_respaced_ancestral_sampling_over_every_timestep_is_algorithm_2():
             x = (x - betas[t] / (1 - ab[t]).sqrt() * eps) / (1 - betas[t]).sqrt()
             if t > 0:
                 x = x + sigma2[t].sqrt() * torch.randn(SHAPE, generator=generator)
-        got = ddpm_ancestral(denoiser(network, "eps", betas), x_T, betas.float(), steps=25, variance=variance,
-                             generator=torch.Generator().manual_seed(9))  # fmt: skip
+        got = ddpm_ancestral(
+            denoiser(network, "eps", betas),
+            x_T,
+            betas.float(),
+            steps=25,
+            variance=variance,
+            generator=torch.Generator().manual_seed(9),
+        )
         torch.testing.assert_close(got, x.float(), rtol=1e-4, atol=1e-4)
 
 
@@ -288,25 +322,39 @@ def config_error(*overrides):
     return str(error)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["diffusion.prediction=score"], "diffusion.prediction='score' is not one of ['eps', 'x0', 'v']"),
-    (["diffusion.weighting=snr"], "diffusion.weighting='snr' is not one of ['uniform', 'min_snr']"),
-    (["diffusion.variance=learned"], "diffusion.variance='learned' is not one of ['fixed_large', 'fixed_small', 'learned_range']"),
-    (["diffusion.snr_gamma=-1"], "diffusion.snr_gamma=-1 must be a finite number >= 0"),
-    (["diffusion.weighting=min_snr", "diffusion.snr_gamma=0"], "diffusion.snr_gamma=0 must be > 0 with diffusion.weighting=min_snr"),
-    (["diffusion.vlb_weight=nan"], "diffusion.vlb_weight=nan must be a finite number >= 0"),
-    (["diffusion.variance=learned_range"], "diffusion.variance='learned_range' with model.learn_sigma=false"),
-    (["model.learn_sigma=true"], "diffusion.variance='fixed_large' with model.learn_sigma=true"),
-    (["model.learn_sigma=maybe"], "model.learn_sigma='maybe'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["diffusion.prediction=score"], "diffusion.prediction='score' is not one of ['eps', 'x0', 'v']"),
+        (["diffusion.weighting=snr"], "diffusion.weighting='snr' is not one of ['uniform', 'min_snr']"),
+        (
+            ["diffusion.variance=learned"],
+            "diffusion.variance='learned' is not one of ['fixed_large', 'fixed_small', 'learned_range']",
+        ),
+        (["diffusion.snr_gamma=-1"], "diffusion.snr_gamma=-1 must be a finite number >= 0"),
+        (
+            ["diffusion.weighting=min_snr", "diffusion.snr_gamma=0"],
+            "diffusion.snr_gamma=0 must be > 0 with diffusion.weighting=min_snr",
+        ),
+        (["diffusion.vlb_weight=nan"], "diffusion.vlb_weight=nan must be a finite number >= 0"),
+        (["diffusion.variance=learned_range"], "diffusion.variance='learned_range' with model.learn_sigma=false"),
+        (["model.learn_sigma=true"], "diffusion.variance='fixed_large' with model.learn_sigma=true"),
+        (["model.learn_sigma=maybe"], "model.learn_sigma='maybe'"),
+    ],
+)
 def test_bad_objective_options_name_the_key_the_value_and_what_is_allowed(overrides, message):
     assert message in config_error(*overrides)
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_the_objective_options_compose(prediction):
-    cfg = compose_config("experiment=quickstart", f"diffusion.prediction={prediction}", "diffusion.weighting=min_snr",
-                         "diffusion.variance=learned_range", "model.learn_sigma=true")  # fmt: skip
+    cfg = compose_config(
+        "experiment=quickstart",
+        f"diffusion.prediction={prediction}",
+        "diffusion.weighting=min_snr",
+        "diffusion.variance=learned_range",
+        "model.learn_sigma=true",
+    )
     diffusion = build_diffusion(cfg)
     assert (diffusion.prediction, diffusion.weighting, diffusion.variance) == (prediction, "min_snr", "learned_range")
     assert diffusion.model.out_conv.out_channels == 2 * cfg.dataset.channels
@@ -325,17 +373,27 @@ def v_run(tmp_path_factory):
     from main_in_process import run_in_process
 
     root = tmp_path_factory.mktemp("v_run")
-    run_in_process(*TINY_QUICKSTART, "schedule=cosine", "schedule.num_timesteps=20", "trainer.iterations=3", "trainer.batch_size=8",
-                   "diffusion.prediction=v", "diffusion.weighting=min_snr", "diffusion.variance=learned_range",
-                   "model.learn_sigma=true", "trainer.nll_at_end=true", "trainer.sample_at_end=true",
-                   f"hydra.run.dir={root / 'train'}")  # fmt: skip
+    run_in_process(
+        *TINY_QUICKSTART,
+        "schedule=cosine",
+        "schedule.num_timesteps=20",
+        "trainer.iterations=3",
+        "trainer.batch_size=8",
+        "diffusion.prediction=v",
+        "diffusion.weighting=min_snr",
+        "diffusion.variance=learned_range",
+        "model.learn_sigma=true",
+        "trainer.nll_at_end=true",
+        "trainer.sample_at_end=true",
+        f"hydra.run.dir={root / 'train'}",
+    )
     return root
 
 
 def test_a_v_prediction_run_with_learned_variances_records_its_objective_and_its_likelihood(v_run):
     import json
 
-    from ddpm.build import load_diffusion
+    from ddpm.diffusion.build import load_diffusion
 
     summary = json.loads((v_run / "train" / "summary.json").read_text())
     assert 0 < summary["nll_bits_per_dim"] < 50
@@ -363,7 +421,7 @@ def test_bound_quadrature_estimates_terms_that_fall_off_like_the_bounds_own():
 
     exact = sum(1 / t for t in range(1, 1000))
     points, weights = bound_quadrature(1000, 100)
-    assert sum(weight / t for t, weight in zip(points, weights)) == pytest.approx(exact, rel=0.025)
+    assert sum(weight / t for t, weight in zip(points, weights, strict=True)) == pytest.approx(exact, rel=0.025)
     evenly = [round(1 + i * 998 / 99) for i in range(100)]
     assert sum(1 / t for t in evenly) * 999 / 100 > 1.9 * exact
 
@@ -376,9 +434,19 @@ def test_evaluate_nll_prints_bits_per_dim_with_its_terms_and_estimates_with_fewe
     checkpoint = v_run / "train" / "checkpoints" / "last.pt"
     results = {}
     for name, extra in (("exact", []), ("estimate", ["eval.nll_timesteps=4"])):
-        code, output = run_main_in_process(["task=evaluate", f"checkpoint={checkpoint}", "eval.nll=true", "eval.fid=false",
-                                            "eval.device=cpu", "eval.nll_num_images=30", *extra,
-                                            f"hydra.run.dir={v_run / name}"], capfd)  # fmt: skip
+        code, output = run_main_in_process(
+            [
+                "task=evaluate",
+                f"checkpoint={checkpoint}",
+                "eval.nll=true",
+                "eval.fid=false",
+                "eval.device=cpu",
+                "eval.nll_num_images=30",
+                *extra,
+                f"hydra.run.dir={v_run / name}",
+            ],
+            capfd,
+        )
         assert code == 0, output
         assert "bits/dim on 30 test images" in output
         results[name] = json.loads((v_run / name / "metrics.json").read_text())["nll"]
@@ -386,27 +454,31 @@ def test_evaluate_nll_prints_bits_per_dim_with_its_terms_and_estimates_with_fewe
     assert exact["exact"] and exact["term_timesteps"] == list(range(20)) and exact["num_images"] == 30
     assert len(exact["terms_bits_per_dim"]) == 20 and exact["terms_bits_per_dim"][0] == exact["decoder_bits_per_dim"]
     assert exact["bits_per_dim"] == pytest.approx(
-        exact["prior_bits_per_dim"] + exact["decoder_bits_per_dim"] + sum(exact["terms_bits_per_dim"][1:]),
-        rel=1e-6)  # fmt: skip
+        exact["prior_bits_per_dim"] + exact["decoder_bits_per_dim"] + sum(exact["terms_bits_per_dim"][1:]), rel=1e-6
+    )
     assert not estimate["exact"] and "an estimate" in estimate["note"] and estimate["timesteps_evaluated"] == 5
     assert estimate["decoder_bits_per_dim"] == pytest.approx(exact["decoder_bits_per_dim"])  # the same noise for L_0
     assert estimate["term_timesteps"] == [0, 1, 4, 10, 19] and sum(estimate["term_weights"][1:]) == 19
     assert estimate["bits_per_dim"] == pytest.approx(exact["bits_per_dim"], rel=0.5)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["eval.fid=false"], "eval.fid=false and eval.nll=false leave nothing to compute"),
-    (["eval.nll=true", "eval.samples=x.npz"], "eval.nll=true with eval.samples=x.npz"),
-    (["eval.nll=true", "eval.nfe_sweep=[5]"], "eval.nll=true runs in one job"),
-    (["eval.nll_timesteps=0"], "eval.nll_timesteps=0 must be >= 1"),
-    (["trainer.nll_timesteps=0"], "trainer.nll_timesteps=0 must be >= 1"),
-    (["trainer.nll_at_end=maybe"], "trainer.nll_at_end='maybe'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["eval.fid=false"], "eval.fid=false and eval.nll=false leave nothing to compute"),
+        (["eval.nll=true", "eval.samples=x.npz"], "eval.nll=true with eval.samples=x.npz"),
+        (["eval.nll=true", "eval.nfe_sweep=[5]"], "eval.nll=true runs in one job"),
+        (["eval.nll_timesteps=0"], "eval.nll_timesteps=0 must be >= 1"),
+        (["trainer.nll_timesteps=0"], "trainer.nll_timesteps=0 must be >= 1"),
+        (["trainer.nll_at_end=maybe"], "trainer.nll_at_end='maybe'"),
+    ],
+)
 def test_bad_likelihood_settings_name_the_key(overrides, message, capfd, tmp_path):
     from main_in_process import run_main_in_process
 
     task = [] if overrides[0].startswith("trainer.") else ["task=evaluate", "checkpoint=missing.pt"]
-    code, output = run_main_in_process(["experiment=quickstart", "logger=none", *task, *overrides,
-                                        f"hydra.run.dir={tmp_path}"], capfd)  # fmt: skip
+    code, output = run_main_in_process(
+        ["experiment=quickstart", "logger=none", *task, *overrides, f"hydra.run.dir={tmp_path}"], capfd
+    )
     assert code == 1 and message in output and "Traceback" not in output
     assert sum(line.startswith("[ERROR]") or "[ERROR]" in line for line in output.splitlines()) == 1

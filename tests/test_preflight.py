@@ -8,11 +8,11 @@ from collections import namedtuple
 
 import pytest
 import torch
-
 from conftest import TINY_QUICKSTART
-from ddpm.errors import StorageError
-from ddpm.preflight import MB, check_storage, estimated_checkpoint_bytes
 from main_in_process import run_main_in_process
+
+from ddpm.config.errors import StorageError
+from ddpm.runtime.preflight import MB, check_storage, estimated_checkpoint_bytes
 
 Usage = namedtuple("Usage", "total used free")
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import PROJECT_ROOT, TINY_QUICKSTART, run_main, user_environment
-from ddpm.checkpoint import load_checkpoint
 from main_in_process import run_main_in_process
+
+from ddpm.io.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -42,9 +42,12 @@ NOT_COMPARED = {"images_per_s", "wall_time_s"}
 
 def start_main(*args: str, runner: str | None = None) -> subprocess.Popen:
     env = user_environment()
-    command = [sys.executable, "-c", runner, *args] if runner else [sys.executable, str(PROJECT_ROOT / "main.py"), *args]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            cwd=PROJECT_ROOT)  # fmt: skip
+    command = (
+        [sys.executable, "-c", runner, *args] if runner else [sys.executable, str(PROJECT_ROOT / "main.py"), *args]
+    )
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=PROJECT_ROOT
+    )
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -74,7 +77,7 @@ def assert_identical(a, b, where: str = "checkpoint") -> None:
                 assert_identical(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), f"{where}: lengths differ"
-        for index, (x, y) in enumerate(zip(a, b)):
+        for index, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_identical(x, y, f"{where}[{index}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
@@ -114,13 +117,16 @@ def test_a_run_killed_at_a_random_moment_resumes_bit_identical(uninterrupted, tm
     training_time = json.loads((uninterrupted / "summary.json").read_text())["wall_time_s"]
     seed = random.randrange(1 << 30)
     delay = random.Random(seed).uniform(0, 0.6) * training_time
-    for attempt in range(4):  # on a machine much faster than expected the run may end before the kill lands
+    for _ in range(4):  # on a machine much faster than expected the run may end before the kill lands
         process = start_main(*command)
         wait_for(run_dir / "checkpoints" / "last.pt", process)
         time.sleep(delay)
         process.send_signal(signal.SIGKILL)
         process.communicate()
-        if process.returncode == -signal.SIGKILL and load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] < ITERATIONS:
+        if (
+            process.returncode == -signal.SIGKILL
+            and load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] < ITERATIONS
+        ):
             break
         delay /= 4
     else:
@@ -134,7 +140,7 @@ def test_a_run_killed_at_a_random_moment_resumes_bit_identical(uninterrupted, tm
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_sigterm_and_sigint_finish_the_step_write_a_checkpoint_and_the_run_resumes_bit_identical(
     signum, uninterrupted, tmp_path
-):  # fmt: skip
+):
     run_dir = tmp_path / "run"
     command = [*TINY, f"hydra.run.dir={run_dir}"]
     process = start_main(*command)
@@ -155,8 +161,12 @@ def test_sigterm_and_sigint_finish_the_step_write_a_checkpoint_and_the_run_resum
 
 # bf16 autocast on the CPU, what precision=auto picks on CPUs with bf16 matrix units; on CPUs without them it
 # is emulated, many times slower, so the network is narrower and the batch smaller.
-BF16 = [*(a for a in TINY if not a.startswith(("model.base_channels=", "trainer.batch_size="))),
-        "model.base_channels=4", "trainer.batch_size=8", "trainer.precision=bf16"]  # fmt: skip
+BF16 = [
+    *(a for a in TINY if not a.startswith(("model.base_channels=", "trainer.batch_size="))),
+    "model.base_channels=4",
+    "trainer.batch_size=8",
+    "trainer.precision=bf16",
+]
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,14 @@ import math
 
 import pytest
 import torch
+from conftest import compose_config
 from torch import nn
 
-from conftest import compose_config
-from ddpm.build import build_sampler
-from ddpm.diffusion import GaussianDiffusion
-from ddpm.errors import ConfigError
-from ddpm.objectives import denoiser
-from ddpm.samplers import ddim, ddpm_ancestral, dpm_solver, heun
+from ddpm.config.errors import ConfigError
+from ddpm.diffusion.build import build_sampler
+from ddpm.diffusion.gaussian import GaussianDiffusion
+from ddpm.diffusion.objectives import denoiser
+from ddpm.diffusion.samplers import ddim, ddpm_ancestral, dpm_solver, heun
 
 SHAPE = (2, 1, 3, 3)
 
@@ -66,8 +66,9 @@ def at(predict, x, t):
 
 def test_ancestral_posterior_step_is_the_posterior_mean_plus_its_std():
     betas, predict, x = schedule(), linear_map_predictor(), x_T()
-    _, states = record(ddpm_ancestral, predict, x, betas, variance="fixed_small",
-                       generator=torch.Generator().manual_seed(4))  # fmt: skip
+    _, states = record(
+        ddpm_ancestral, predict, x, betas, variance="fixed_small", generator=torch.Generator().manual_seed(4)
+    )
     ab = alpha_bar(betas)
     t = 19
     x0 = (x - (1 - ab[t]).sqrt() * at(predict, x, t)) / ab[t].sqrt()
@@ -100,8 +101,9 @@ def test_ddim_deterministic_step_and_final_step(clip):
 
 def test_ddim_stochastic_step_adds_eta_times_the_posterior_std_of_fixed_noise():
     betas, predict, x, eta = schedule(10), linear_map_predictor(), x_T(), 0.6
-    _, states = record(ddim, predict, x, betas, steps=3, eta=eta, clip_denoised=False,
-                       generator=torch.Generator().manual_seed(7))  # fmt: skip
+    _, states = record(
+        ddim, predict, x, betas, steps=3, eta=eta, clip_denoised=False, generator=torch.Generator().manual_seed(7)
+    )
     assert [s["t"] for s in states] == [9, 5, 0]
     ab = alpha_bar(betas)
     a, a_next = ab[9], ab[5]
@@ -148,12 +150,14 @@ def test_dpm_solver_2m_step_and_final_denoising_step():
 def test_dpm_solver_sde_step_and_eta_0_is_the_ode_solver():
     betas, predict, x = schedule(20), linear_map_predictor(), x_T()
     ode, ode_states = record(dpm_solver, predict, x, betas, steps=4, clip_denoised=False)
-    same, _ = record(dpm_solver, predict, x, betas, steps=4, eta=0.0, clip_denoised=False,
-                     generator=torch.Generator().manual_seed(5))  # fmt: skip
+    same, _ = record(
+        dpm_solver, predict, x, betas, steps=4, eta=0.0, clip_denoised=False, generator=torch.Generator().manual_seed(5)
+    )
     torch.testing.assert_close(same, ode, rtol=0, atol=0)
     eta = 1.0
-    _, states = record(dpm_solver, predict, x, betas, steps=4, eta=eta, clip_denoised=False,
-                       generator=torch.Generator().manual_seed(5))  # fmt: skip
+    _, states = record(
+        dpm_solver, predict, x, betas, steps=4, eta=eta, clip_denoised=False, generator=torch.Generator().manual_seed(5)
+    )
     ab = alpha_bar(betas)
     alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
     lam = torch.log(alpha / sigma)
@@ -161,8 +165,11 @@ def test_dpm_solver_sde_step_and_eta_0_is_the_ode_solver():
     h = lam[s] - lam[t]
     x0 = (x - sigma[t] * at(predict, x, t)) / alpha[t]
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
-    expected = (sigma[s] / sigma[t] * torch.exp(-eta * h) * x + alpha[s] * (1 - torch.exp(-(1 + eta) * h)) * x0
-                + sigma[s] * (1 - torch.exp(-2 * eta * h)).sqrt() * z)  # fmt: skip
+    expected = (
+        sigma[s] / sigma[t] * torch.exp(-eta * h) * x
+        + alpha[s] * (1 - torch.exp(-(1 + eta) * h)) * x0
+        + sigma[s] * (1 - torch.exp(-2 * eta * h)).sqrt() * z
+    )
     torch.testing.assert_close(states[0]["x"], expected.float(), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(states[0]["x"], ode_states[0]["x"])
 
@@ -183,8 +190,9 @@ def test_heun_step_is_euler_corrected_by_the_slope_at_its_end():
     torch.testing.assert_close(states[0]["x"], (alpha[u] * euler).float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(states[1]["x"], (alpha[u] * corrected).float(), rtol=1e-5, atol=1e-5)
     last = states[3]["x"]  # the state at t = 0; the step to s = 0 is the predicted x0
-    torch.testing.assert_close(out, ((last - (1 - ab[0]).sqrt() * at(predict, last, 0)) / alpha[0]).float(),
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        out, ((last - (1 - ab[0]).sqrt() * at(predict, last, 0)) / alpha[0]).float(), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_heun_with_clip_denoised_steps_towards_the_clipped_x0():
@@ -197,14 +205,16 @@ def test_heun_with_clip_denoised_steps_towards_the_clipped_x0():
     ab = alpha_bar(betas)
     x0 = ((x.double() - (1 - ab[19]).sqrt() * at(predict, x, 19).double()) / ab[19].sqrt()).clamp(-1, 1)
     eps = (x.double() - ab[19].sqrt() * x0) / (1 - ab[19]).sqrt()
-    euler = (ab[10] / ab[19]).sqrt() * x.double() + ((1 - ab[10]).sqrt() - (ab[10] * (1 - ab[19]) / ab[19]).sqrt()) * eps
+    euler = (ab[10] / ab[19]).sqrt() * x.double() + (
+        (1 - ab[10]).sqrt() - (ab[10] * (1 - ab[19]) / ab[19]).sqrt()
+    ) * eps
     torch.testing.assert_close(states[0]["x"], euler.float(), rtol=1e-5, atol=1e-5)
 
 
 def test_heun_with_sigma_max_starts_at_the_last_timestep_below_it():
     """The cosine schedule's last timestep has s = sigma / alpha of about 2e4; sigma_max=80 starts at the last
     timestep with s <= 80 instead, and the point-mass data comes out exactly."""
-    from ddpm.schedules import cosine_betas
+    from ddpm.diffusion.schedules import cosine_betas
 
     betas = cosine_betas(1000)
     ab = alpha_bar(betas)
@@ -242,8 +252,9 @@ def test_heun_converges_at_second_order_on_gaussian_data():
 
 def test_timestep_spacings():
     def timesteps(spacing, steps, num_timesteps=100):
-        _, states = record(ddim, lambda x, t: torch.zeros_like(x), x_T(), schedule(num_timesteps),
-                           steps=steps, spacing=spacing)  # fmt: skip
+        _, states = record(
+            ddim, lambda x, t: torch.zeros_like(x), x_T(), schedule(num_timesteps), steps=steps, spacing=spacing
+        )
         return [s["t"] for s in states]
 
     assert timesteps("uniform", 5) == [99, 74, 50, 25, 0]
@@ -260,15 +271,26 @@ def test_timestep_spacings():
 def test_ddim_with_eta_1_over_all_timesteps_is_ancestral_sampling_with_the_posterior_variance():
     betas = torch.linspace(1e-4, 0.05, 100, dtype=torch.float64)
     predict, x = linear_map_predictor(), x_T()
-    ancestral, ancestral_states = record(ddpm_ancestral, predict, x, betas.float(), variance="fixed_small",
-                                         generator=torch.Generator().manual_seed(11))  # fmt: skip
-    implicit, implicit_states = record(ddim, predict, x, betas.float(), steps=100, eta=1.0, clip_denoised=False,
-                                       generator=torch.Generator().manual_seed(11))  # fmt: skip
+    ancestral, ancestral_states = record(
+        ddpm_ancestral, predict, x, betas.float(), variance="fixed_small", generator=torch.Generator().manual_seed(11)
+    )
+    implicit, implicit_states = record(
+        ddim,
+        predict,
+        x,
+        betas.float(),
+        steps=100,
+        eta=1.0,
+        clip_denoised=False,
+        generator=torch.Generator().manual_seed(11),
+    )
     assert [s["t"] for s in implicit_states] == [s["t"] for s in ancestral_states]
-    for a, b in zip(ancestral_states, implicit_states):
+    for a, b in zip(ancestral_states, implicit_states, strict=True):
         torch.testing.assert_close(b["x"], a["x"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(implicit, ancestral, rtol=1e-5, atol=1e-5)
-    beta_variance = ddpm_ancestral(eps_denoiser(predict, betas), x, betas.float(), generator=torch.Generator().manual_seed(11))
+    beta_variance = ddpm_ancestral(
+        eps_denoiser(predict, betas), x, betas.float(), generator=torch.Generator().manual_seed(11)
+    )
     assert not torch.allclose(beta_variance, ancestral, atol=1e-3)  # the two variances do differ
 
 
@@ -306,12 +328,17 @@ def point_mass_predictor(betas, c=0.3):
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
-@pytest.mark.parametrize("betas", [torch.linspace(1e-8, 1e-6, 1000), torch.linspace(0.5, 0.999, 1000)],
-                         ids=["tiny", "huge"])  # fmt: skip
+@pytest.mark.parametrize(
+    "betas", [torch.linspace(1e-8, 1e-6, 1000), torch.linspace(0.5, 0.999, 1000)], ids=["tiny", "huge"]
+)
 def test_extreme_schedules_stay_finite(name, betas):
     sampler = SAMPLERS[name]
-    out = sampler(eps_denoiser(point_mass_predictor(betas), betas), x_T(), betas.float(),
-                  generator=torch.Generator().manual_seed(0))  # fmt: skip
+    out = sampler(
+        eps_denoiser(point_mass_predictor(betas), betas),
+        x_T(),
+        betas.float(),
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.isfinite(out).all()
     if name in ("ddim", "dpm_solver", "ddpm_respaced"):  # heun: see its sigma_max
         torch.testing.assert_close(out, torch.full(SHAPE, 0.3), rtol=0, atol=1e-3)  # the exact predictor's data
@@ -329,13 +356,21 @@ def never_called(x, t):
 @pytest.mark.parametrize(
     "sampler, settings, message",
     [
-        (ddpm_ancestral, {"variance": "learned"}, r"sampler\.variance='learned' is not one of \[None, 'fixed_large', 'fixed_small'\]"),
+        (
+            ddpm_ancestral,
+            {"variance": "learned"},
+            r"sampler\.variance='learned' is not one of \[None, 'fixed_large', 'fixed_small'\]",
+        ),
         (ddpm_ancestral, {"variance": "posterior"}, r"sampler\.variance='posterior'"),
         (ddpm_ancestral, {"steps": 0}, r"sampler\.steps=0 must be an integer in 1\.\.20"),
         (heun, {"steps": 21}, r"sampler\.steps=21"),
         (heun, {"spacing": "linear"}, r"sampler\.spacing='linear'"),
         (heun, {"sigma_max": 0.0}, r"sampler\.sigma_max=0\.0 must be a number > 0"),
-        (heun, {"sigma_max": 0.5, "steps": 10}, r"sampler\.steps=10: only \d+ timesteps have s <= sampler\.sigma_max=0\.5"),
+        (
+            heun,
+            {"sigma_max": 0.5, "steps": 10},
+            r"sampler\.steps=10: only \d+ timesteps have s <= sampler\.sigma_max=0\.5",
+        ),
         (dpm_solver, {"eta": -1.0}, r"sampler\.eta=-1\.0"),
         (ddim, {"steps": 0}, r"sampler\.steps=0 must be an integer in 1\.\.20"),
         (ddim, {"steps": 21}, r"sampler\.steps=21"),
@@ -353,23 +388,37 @@ def test_bad_settings_name_the_key(sampler, settings, message):
         sampler(never_called, x_T(), schedule(20), **settings)
 
 
-@pytest.mark.parametrize("overrides, target, settings", [
-    (["sampler=ddpm", "sampler.variance=fixed_small"], ddpm_ancestral, {"steps": None, "variance": "fixed_small"}),
-    (["sampler=ddpm", "sampler.steps=25"], ddpm_ancestral, {"steps": 25, "variance": None}),
-    (["sampler=heun", "sampler.steps=7"], heun, {"steps": 7, "spacing": "quadratic", "sigma_max": None,
-                                                    "clip_denoised": True}),
-    (["sampler=dpm_solver_sde", "sampler.steps=12"], dpm_solver, {"steps": 12, "eta": 1.0, "clip_denoised": True}),
-    (["sampler=ddim", "sampler.steps=50", "sampler.eta=0.5", "sampler.spacing=quadratic"], ddim,
-     {"steps": 50, "eta": 0.5, "spacing": "quadratic", "clip_denoised": True}),
-    (["sampler=dpm_solver", "sampler.steps=15"], dpm_solver, {"steps": 15, "eta": 0.0, "clip_denoised": True}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, target, settings",
+    [
+        (["sampler=ddpm", "sampler.variance=fixed_small"], ddpm_ancestral, {"steps": None, "variance": "fixed_small"}),
+        (["sampler=ddpm", "sampler.steps=25"], ddpm_ancestral, {"steps": 25, "variance": None}),
+        (
+            ["sampler=heun", "sampler.steps=7"],
+            heun,
+            {"steps": 7, "spacing": "quadratic", "sigma_max": None, "clip_denoised": True},
+        ),
+        (["sampler=dpm_solver_sde", "sampler.steps=12"], dpm_solver, {"steps": 12, "eta": 1.0, "clip_denoised": True}),
+        (
+            ["sampler=ddim", "sampler.steps=50", "sampler.eta=0.5", "sampler.spacing=quadratic"],
+            ddim,
+            {"steps": 50, "eta": 0.5, "spacing": "quadratic", "clip_denoised": True},
+        ),
+        (["sampler=dpm_solver", "sampler.steps=15"], dpm_solver, {"steps": 15, "eta": 0.0, "clip_denoised": True}),
+    ],
+)
 def test_command_line_settings_reach_the_sampler(overrides, target, settings):
     sampler, guidance_scale = build_sampler(compose_config(*overrides).sampler)
     assert sampler.func is target and sampler.keywords == settings and guidance_scale == 0.0
     states = []
     betas = schedule(100).float()
-    out = sampler(eps_denoiser(linear_map_predictor(), betas), x_T(), betas, generator=torch.Generator().manual_seed(0),
-                  callback=states.append)  # fmt: skip
+    out = sampler(
+        eps_denoiser(linear_map_predictor(), betas),
+        x_T(),
+        betas,
+        generator=torch.Generator().manual_seed(0),
+        callback=states.append,
+    )
     steps = settings.get("steps") or 100
     assert out.shape == SHAPE and len(states) == (2 * steps - 1 if target is heun else steps)
 
@@ -383,21 +432,32 @@ class Affine(nn.Module):
 def test_diffusion_sample_accepts_the_fast_samplers(sampler):
     diffusion = GaussianDiffusion(Affine(), schedule(50).float(), image_size=4, channels=2)
     steps = []
-    images = diffusion.sample(3, "cpu", generator=torch.Generator().manual_seed(0), sampler=sampler,
-                              callback=lambda s: steps.append(s["t"]))  # fmt: skip
+    images = diffusion.sample(
+        3, "cpu", generator=torch.Generator().manual_seed(0), sampler=sampler, callback=lambda s: steps.append(s["t"])
+    )
     assert images.shape == (3, 2, 4, 4) and images.abs().max() <= 1
     assert steps == [49, 37, 25, 12, 0]
 
 
 @pytest.mark.parametrize(
-    "sampler, calls", [(ddpm_ancestral, 20), (functools.partial(ddpm_ancestral, steps=6), 6), (functools.partial(ddim, steps=7), 7),
-                       (functools.partial(dpm_solver, steps=5), 5), (functools.partial(dpm_solver, steps=5, eta=1.0), 5),
-                       (functools.partial(heun, steps=5), 9)]
+    "sampler, calls",
+    [
+        (ddpm_ancestral, 20),
+        (functools.partial(ddpm_ancestral, steps=6), 6),
+        (functools.partial(ddim, steps=7), 7),
+        (functools.partial(dpm_solver, steps=5), 5),
+        (functools.partial(dpm_solver, steps=5, eta=1.0), 5),
+        (functools.partial(heun, steps=5), 9),
+    ],
 )
 def test_every_sampler_tells_its_callback_how_many_network_calls_it_makes(sampler, calls):
     """What diffusion.sample's progress bar is sized by: the sampler's own count, not a guess from its settings."""
     seen = []
     betas = torch.full((20,), 0.01)
-    sampler(eps_denoiser(lambda x, t: torch.zeros_like(x), betas), torch.zeros(1, 1, 2, 2), betas,
-            callback=lambda state: seen.append(state["steps"]))  # fmt: skip
+    sampler(
+        eps_denoiser(lambda x, t: torch.zeros_like(x), betas),
+        torch.zeros(1, 1, 2, 2),
+        betas,
+        callback=lambda state: seen.append(state["steps"]),
+    )
     assert seen == [calls] * calls

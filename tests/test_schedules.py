@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.errors import ConfigError
-from ddpm.schedules import cosine_betas, dns_betas, dnst_betas, linear_betas
+from ddpm.config.errors import ConfigError
+from ddpm.diffusion.schedules import cosine_betas, dns_betas, dnst_betas, linear_betas
 
 
 @pytest.mark.parametrize("steps", [1000, 250, 21])

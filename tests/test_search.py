@@ -7,15 +7,26 @@ import shlex
 
 import pytest
 import yaml
-
 from conftest import run_main
-from ddpm.sweep_summary import BEST_COMMAND_FILE, best_command, best_job, summarize, write_summary
-from ddpm.train_settings import TrainSettings
 from test_sweep_summary import finished, make_job
 
-SEARCH = ["-m", "experiment=search_quickstart", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=4", "logger=none",
-          "trainer.iterations=4", "trainer.log_rate=2", "trainer.test_batches=1", "trainer.checkpoint_rate=0",
-          "trainer.sample_at_end=false", "schedule.num_timesteps=50", "trainer.num_workers=0"]  # fmt: skip
+from ddpm.io.sweep_summary import BEST_COMMAND_FILE, best_command, best_job, summarize, write_summary
+from ddpm.training.settings import TrainSettings
+
+SEARCH = [
+    "-m",
+    "experiment=search_quickstart",
+    "hydra/sweeper=optuna",
+    "hydra.sweeper.n_trials=4",
+    "logger=none",
+    "trainer.iterations=4",
+    "trainer.log_rate=2",
+    "trainer.test_batches=1",
+    "trainer.checkpoint_rate=0",
+    "trainer.sample_at_end=false",
+    "schedule.num_timesteps=50",
+    "trainer.num_workers=0",
+]
 
 
 def test_the_objective_is_the_test_loss_unless_fid_is_measured():
@@ -24,24 +35,39 @@ def test_the_objective_is_the_test_loss_unless_fid_is_measured():
     assert TrainSettings(objective="train_loss", eval_rate=100).objective_name == "train_loss"
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["trainer.objective=fid"], "trainer.objective='fid'"),
-    (["trainer.objective=best_fid"], "trainer.objective=best_fid is the best FID during training: set trainer.eval_rate > 0"),
-    (["trainer.objective=nll_bits_per_dim"], "set trainer.nll_at_end=true"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.objective=fid"], "trainer.objective='fid'"),
+        (
+            ["trainer.objective=best_fid"],
+            "trainer.objective=best_fid is the best FID during training: set trainer.eval_rate > 0",
+        ),
+        (["trainer.objective=nll_bits_per_dim"], "set trainer.nll_at_end=true"),
+    ],
+)
 def test_bad_objectives_name_the_key(overrides, message, capfd, tmp_path):
     from main_in_process import run_main_in_process
 
-    code, output = run_main_in_process(["experiment=quickstart", "logger=none", *overrides,
-                                        f"hydra.run.dir={tmp_path}"], capfd)  # fmt: skip
+    code, output = run_main_in_process(
+        ["experiment=quickstart", "logger=none", *overrides, f"hydra.run.dir={tmp_path}"], capfd
+    )
     assert code == 1 and message in output and "Traceback" not in output
 
 
 def test_the_best_job_is_the_lowest_objective_and_its_command_can_be_pasted(tmp_path):
-    make_job(tmp_path, 0, ["optimizer.lr=0.01", "schedule=cosine"],
-             finished(tmp_path, 0, objective="test_loss", objective_value=0.5))  # fmt: skip
-    make_job(tmp_path, 1, ["optimizer.lr=0.002", "schedule=linear", "model.channel_mults=[1,2]"],
-             finished(tmp_path, 1, objective="test_loss", objective_value=0.25))  # fmt: skip
+    make_job(
+        tmp_path,
+        0,
+        ["optimizer.lr=0.01", "schedule=cosine"],
+        finished(tmp_path, 0, objective="test_loss", objective_value=0.5),
+    )
+    make_job(
+        tmp_path,
+        1,
+        ["optimizer.lr=0.002", "schedule=linear", "model.channel_mults=[1,2]"],
+        finished(tmp_path, 1, objective="test_loss", objective_value=0.25),
+    )
     make_job(tmp_path, 2, ["optimizer.lr=0.1"])  # failed: no objective
     rows = summarize(tmp_path)
     assert [row.get("objective") for row in rows] == [0.5, 0.25, None]

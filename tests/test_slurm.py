@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import PROJECT_ROOT, TINY_QUICKSTART, comparable, run_main, user_environment
-from ddpm.checkpoint import load_checkpoint
 from wandb_records import read_wandb_records
+
+from ddpm.io.checkpoint import load_checkpoint
 
 
 def cluster_problem() -> str | None:
@@ -40,8 +40,9 @@ TWO_NODE_PARTITION = os.environ.get("DDPM_SLURM_TWO_NODE_PARTITION", "twonode")
 
 def two_node_problem() -> str | None:
     """Why the two-node test cannot run here, or None when it can."""
-    result = subprocess.run(["sinfo", "-h", "-p", TWO_NODE_PARTITION, "-o", "%n %t"], capture_output=True,
-                            text=True, timeout=30)  # fmt: skip
+    result = subprocess.run(
+        ["sinfo", "-h", "-p", TWO_NODE_PARTITION, "-o", "%n %t"], capture_output=True, text=True, timeout=30
+    )
     usable = [line for line in result.stdout.splitlines() if line.split()[-1] in {"idle", "mix", "alloc"}]
     if len(usable) < 2:
         return f"no partition {TWO_NODE_PARTITION} of two usable nodes (sinfo: {result.stdout.strip() or 'none'})"
@@ -55,8 +56,13 @@ if TWO_NODE_PROBLEM and os.environ.get("CI"):
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(PROBLEM is not None, reason=PROBLEM or "")]
 
 SLURM = ["-m", "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=30"]
-TRAIN = [*TINY_QUICKSTART, "schedule.num_timesteps=50", "trainer.batch_size=16", "trainer.test_batches=1",
-         "trainer.sample_at_end=false"]  # fmt: skip
+TRAIN = [
+    *TINY_QUICKSTART,
+    "schedule.num_timesteps=50",
+    "trainer.batch_size=16",
+    "trainer.test_batches=1",
+    "trainer.sample_at_end=false",
+]
 
 
 def job_summary(sweep: Path, job: int = 0) -> dict:
@@ -65,15 +71,27 @@ def job_summary(sweep: Path, job: int = 0) -> dict:
 
 def test_a_sweep_runs_as_a_job_array_and_is_summarized(tmp_path):
     sweep = tmp_path / "sweep"
-    run_main(*SLURM, *TRAIN, "schedule=linear,cosine,dns", "trainer.iterations=4", "trainer.log_rate=2",
-             "trainer.checkpoint_rate=2", f"hydra.sweep.dir={sweep}")  # fmt: skip
+    run_main(
+        *SLURM,
+        *TRAIN,
+        "schedule=linear,cosine,dns",
+        "trainer.iterations=4",
+        "trainer.log_rate=2",
+        "trainer.checkpoint_rate=2",
+        f"hydra.sweep.dir={sweep}",
+    )
     summaries = [job_summary(sweep, job) for job in range(3)]
     assert all(s["steps"] == 4 and s["slurm_job_id"] for s in summaries)
     assert len({s["slurm_array_job_id"] for s in summaries}) == 1 and summaries[0]["slurm_array_job_id"]
     assert all((sweep / str(job) / "checkpoints" / "last.pt").is_file() for job in range(3))
-    schedules = [load_checkpoint(sweep / str(j) / "checkpoints" / "last.pt")["config"]["schedule"]["_target_"]
-                 for j in range(3)]  # fmt: skip
-    assert schedules == ["ddpm.schedules.linear_betas", "ddpm.schedules.cosine_betas", "ddpm.schedules.dns_betas"]
+    schedules = [
+        load_checkpoint(sweep / str(j) / "checkpoints" / "last.pt")["config"]["schedule"]["_target_"] for j in range(3)
+    ]
+    assert schedules == [
+        "ddpm.diffusion.schedules.linear_betas",
+        "ddpm.diffusion.schedules.cosine_betas",
+        "ddpm.diffusion.schedules.dns_betas",
+    ]
     with open(sweep / "summary.csv") as file:
         rows = list(csv.DictReader(file))
     assert [row["status"] for row in rows] == ["done"] * 3
@@ -91,8 +109,13 @@ def test_an_optuna_search_runs_its_trials_as_slurm_jobs(tmp_path):
 
 
 def start_sweep(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(PROJECT_ROOT / "main.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=user_environment())  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, str(PROJECT_ROOT / "main.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=user_environment(),
+    )
 
 
 def submitted_job_id(sweep: Path, process: subprocess.Popen, timeout: float = 120) -> str:
@@ -128,8 +151,15 @@ def test_a_preempted_job_checkpoints_is_requeued_and_resumes_its_wandb_run(tmp_p
     sweep = tmp_path / "sweep"
     iterations = 300
     with_wandb = [argument if argument != "logger=none" else "logger=wandb" for argument in TRAIN]
-    process = start_sweep(*SLURM, *with_wandb, "logger.mode=offline", f"trainer.iterations={iterations}",
-                          "trainer.log_rate=10", "trainer.checkpoint_rate=20", f"hydra.sweep.dir={sweep}")  # fmt: skip
+    process = start_sweep(
+        *SLURM,
+        *with_wandb,
+        "logger.mode=offline",
+        f"trainer.iterations={iterations}",
+        "trainer.log_rate=10",
+        "trainer.checkpoint_rate=20",
+        f"hydra.sweep.dir={sweep}",
+    )
     job_id = submitted_job_id(sweep, process)
     wait_for_file(sweep / "0" / "checkpoints" / "step_0000020.pt", process)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)  # what preemption sends
@@ -140,8 +170,11 @@ def test_a_preempted_job_checkpoints_is_requeued_and_resumes_its_wandb_run(tmp_p
     runs = sorted((sweep / "0" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({path.name.rsplit("-", 1)[1] for path in runs}) == 1, runs
     for run_dir in runs:
-        [run] = [record.run for record in read_wandb_records(next(run_dir.glob("run-*.wandb")))
-                 if record.WhichOneof("record_type") == "run"]  # fmt: skip
+        [run] = [
+            record.run
+            for record in read_wandb_records(next(run_dir.glob("run-*.wandb")))
+            if record.WhichOneof("record_type") == "run"
+        ]
         assert run.run_group == "-".join(sweep.resolve().parts[-2:])
 
 
@@ -150,8 +183,9 @@ def assert_same_weights(run_dir: Path, reference_dir: Path, checkpoint: str = "l
     ranks = load_checkpoint(run_dir / "checkpoints" / checkpoint)["model"]
     one = load_checkpoint(reference_dir / "checkpoints" / checkpoint)["model"]
     for name in one:
-        torch.testing.assert_close(comparable(name, ranks[name]), comparable(name, one[name]), rtol=1e-3, atol=1e-3,
-                                   msg=name)  # fmt: skip
+        torch.testing.assert_close(
+            comparable(name, ranks[name]), comparable(name, one[name]), rtol=1e-3, atol=1e-3, msg=name
+        )
 
 
 @pytest.mark.skipif(TWO_NODE_PROBLEM is not None, reason=TWO_NODE_PROBLEM or "")
@@ -159,10 +193,21 @@ def test_a_two_node_job_trains_like_one_process_and_resumes_on_two_nodes_after_a
     """Two ranks on two nodes (the rendezvous from SLURM: the allocation's first node is the master), stopped
     by USR2 after a checkpoint, requeued, resumed on two nodes and trained to the end."""
     sweep = tmp_path / "sweep"
-    settings = ["trainer.iterations=60", "trainer.log_rate=10", "trainer.checkpoint_rate=10",
-                "trainer.keep_checkpoints=0"]  # fmt: skip
-    process = start_sweep(*SLURM, *TRAIN, *settings, f"hydra.launcher.partition={TWO_NODE_PARTITION}",
-                          "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=1", f"hydra.sweep.dir={sweep}")  # fmt: skip
+    settings = [
+        "trainer.iterations=60",
+        "trainer.log_rate=10",
+        "trainer.checkpoint_rate=10",
+        "trainer.keep_checkpoints=0",
+    ]
+    process = start_sweep(
+        *SLURM,
+        *TRAIN,
+        *settings,
+        f"hydra.launcher.partition={TWO_NODE_PARTITION}",
+        "hydra.launcher.nodes=2",
+        "hydra.launcher.tasks_per_node=1",
+        f"hydra.sweep.dir={sweep}",
+    )
     job_id = submitted_job_id(sweep, process)
     wait_for_file(sweep / "0" / "checkpoints" / "step_0000010.pt", process)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
@@ -186,8 +231,14 @@ def test_a_two_node_job_trains_like_one_process_and_resumes_on_two_nodes_after_a
 def steps_per_second(tmp_path: Path) -> float:
     """How fast TRAIN runs on one CPU of this machine (the cluster's node), from a short local run."""
     run_dir = tmp_path / "calibration"
-    run_main(*TRAIN, "trainer.iterations=150", "trainer.log_rate=50", "trainer.checkpoint_rate=0",
-             "trainer.num_workers=0", f"hydra.run.dir={run_dir}")  # fmt: skip
+    run_main(
+        *TRAIN,
+        "trainer.iterations=150",
+        "trainer.log_rate=50",
+        "trainer.checkpoint_rate=0",
+        "trainer.num_workers=0",
+        f"hydra.run.dir={run_dir}",
+    )
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return min(m["images_per_s"] for m in logged[1:]) / 16  # batch 16; the first interval includes warm-up
 
@@ -199,9 +250,18 @@ def test_a_job_at_its_time_limit_checkpoints_is_requeued_and_resumes(tmp_path):
     # any handler exists, would kill it), and before the end of training sized to last about 100 s (and a
     # multiple of the log rate, so that the last step is logged).
     iterations = 10 * round(100 * steps_per_second(tmp_path) / 10)
-    run_main(*SLURM, *TRAIN, f"trainer.iterations={iterations}", "trainer.log_rate=10", "trainer.checkpoint_rate=50",
-             "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=30", "hydra.launcher.max_num_timeout=8",
-             f"hydra.sweep.dir={sweep}", timeout=1200)  # fmt: skip
+    run_main(
+        *SLURM,
+        *TRAIN,
+        f"trainer.iterations={iterations}",
+        "trainer.log_rate=10",
+        "trainer.checkpoint_rate=50",
+        "hydra.launcher.timeout_min=2",
+        "hydra.launcher.signal_delay_s=30",
+        "hydra.launcher.max_num_timeout=8",
+        f"hydra.sweep.dir={sweep}",
+        timeout=1200,
+    )
     check_resumed_and_complete(sweep, iterations)
 
 

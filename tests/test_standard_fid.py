@@ -13,12 +13,12 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
+from conftest import PROJECT_ROOT, TINY_QUICKSTART, user_environment
+from main_in_process import run_in_process
 from omegaconf import OmegaConf
 
-from conftest import PROJECT_ROOT, TINY_QUICKSTART, user_environment
-from ddpm.errors import ConfigError, DatasetNotFoundError, UserError
-from ddpm.evaluation.reference import dataset_images, extract_features
-from ddpm.feature_extractors import (
+from ddpm.config.errors import ConfigError, DatasetNotFoundError, UserError
+from ddpm.evaluation.feature_extractors import (
     SHIPPED_INCEPTION_SHA256,
     TORCH_FIDELITY_WEIGHTS_FILE,
     StandardInception,
@@ -26,8 +26,8 @@ from ddpm.feature_extractors import (
     TorchFidelityInception,
     tf1_bilinear_resize,
 )
-from ddpm.metrics import feature_statistics, frechet_distance, kernel_inception_distance
-from main_in_process import run_in_process
+from ddpm.evaluation.metrics import feature_statistics, frechet_distance, kernel_inception_distance
+from ddpm.evaluation.reference import dataset_images, extract_features
 
 DIGITS = OmegaConf.create({"_target_": "ddpm.data.digits.digits", "image_size": 16})
 NUM_TRAIN, NUM_OTHER = 128, 64  # images per set: bounded CPU time
@@ -50,8 +50,12 @@ def digit_sets():
     rng = np.random.default_rng(0)
     test = dataset_images(DIGITS, "test", NUM_OTHER)
     spoiled = np.clip(test + rng.normal(0, 64, size=test.shape), 0, 255).round().astype(np.uint8)
-    return {"train": dataset_images(DIGITS, "train", NUM_TRAIN), "test": test,
-            "noise": rng.integers(0, 256, size=test.shape, dtype=np.uint8), "spoiled": spoiled}  # fmt: skip
+    return {
+        "train": dataset_images(DIGITS, "train", NUM_TRAIN),
+        "test": test,
+        "noise": rng.integers(0, 256, size=test.shape, dtype=np.uint8),
+        "spoiled": spoiled,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +100,9 @@ def test_preprocessing_and_features_equal_fid_helper_pytorchs_own(inception, dig
         network_on_theirs = inception.network(theirs_input).double().numpy()
     np.testing.assert_allclose(ours, network_on_theirs, rtol=1e-4, atol=1e-4)
     helper = FidHelper(device="cpu")
-    helper_features = helper.extract_feats(images, data_range=[0, 255], resize_hw=helper.resize_hw,
-                                           resample_mode=helper.resample_mode, quant=True)  # fmt: skip
+    helper_features = helper.extract_feats(
+        images, data_range=[0, 255], resize_hw=helper.resize_hw, resample_mode=helper.resample_mode, quant=True
+    )
     np.testing.assert_allclose(ours, helper_features, rtol=1e-4, atol=1e-4)
 
 
@@ -115,17 +120,22 @@ def test_fid_equals_fid_helper_pytorchs_pipeline(digit_sets, digit_features):
     helper.update_eval_stat(as_batch(digit_sets["test"][:HELPER]).expand(-1, 3, -1, -1), data_range=[0, 255])
     helper.finish_eval_stat()
     theirs = float(helper.compute_fid_score())  # scipy's sqrtm, the reference computation
-    ours = frechet_distance(*feature_statistics(digit_features["test"][:HELPER]),
-                            *feature_statistics(digit_features["train"][:HELPER]))  # fmt: skip
+    ours = frechet_distance(
+        *feature_statistics(digit_features["test"][:HELPER]), *feature_statistics(digit_features["train"][:HELPER])
+    )
     assert ours == pytest.approx(theirs, rel=1e-3)
 
 
 def test_on_real_digits_fid_orders_real_spoiled_and_noise(digit_features):
     reference = feature_statistics(digit_features["train"])
-    fid = {name: frechet_distance(*feature_statistics(digit_features[name]), *reference)
-           for name in ("test", "spoiled", "noise")}  # fmt: skip
-    kid = {name: kernel_inception_distance(digit_features["train"], digit_features[name], 10, NUM_OTHER)[0]
-           for name in ("test", "spoiled", "noise")}  # fmt: skip
+    fid = {
+        name: frechet_distance(*feature_statistics(digit_features[name]), *reference)
+        for name in ("test", "spoiled", "noise")
+    }
+    kid = {
+        name: kernel_inception_distance(digit_features["train"], digit_features[name], 10, NUM_OTHER)[0]
+        for name in ("test", "spoiled", "noise")
+    }
     assert fid["test"] < 0.3 * fid["spoiled"] and fid["spoiled"] < 0.8 * fid["noise"], fid
     assert kid["test"] < kid["spoiled"] < kid["noise"], kid
     assert abs(kid["test"]) < 0.01  # real against real: KID is unbiased, so near zero even on 64 images
@@ -135,9 +145,10 @@ def test_cifar10_reference_statistics_come_from_the_archive_with_the_shipped_net
     """On a machine with CIFAR-10 the paper-comparable reference is its training split through the real loading
     code; here on the small archive test_data.py writes (20 training images, 4 test ones, real format)."""
     from conftest import compose_config
-    from ddpm.evaluation.reference import reference_statistics
-    from ddpm.validation import build_settings
     from test_data import trust_cifar_archive, write_cifar_archive
+
+    from ddpm.config.validation import build_settings
+    from ddpm.evaluation.reference import reference_statistics
 
     written = write_cifar_archive(tmp_path)
     cfg = compose_config("dataset=cifar10", f"dataset.root={written.root}", f"fid.reference_dir={tmp_path / 'stats'}")
@@ -146,7 +157,9 @@ def test_cifar10_reference_statistics_come_from_the_archive_with_the_shipped_net
         trust_cifar_archive(patch, written)
         reference = reference_statistics(fid, cfg.dataset, cfg.paths.data_dir, inception)
     assert reference["num_images"] == 20 and reference["split"] == "train" and reference["dataset"] == "cifar10-32px"
-    assert reference["path"].endswith(f"cifar10-32px-train-all-inception-v3-2015-12-05-{SHIPPED_INCEPTION_SHA256[:12]}.npz")
+    assert reference["path"].endswith(
+        f"cifar10-32px-train-all-inception-v3-2015-12-05-{SHIPPED_INCEPTION_SHA256[:12]}.npz"
+    )
     # The statistics are those of the archive's training images as written (unflipped, every one of them).
     expected, _ = extract_features(inception, written.train_images.transpose(0, 2, 3, 1), 20)
     np.testing.assert_allclose(reference["mu"], expected.mean(axis=0), rtol=1e-6, atol=1e-6)
@@ -158,20 +171,43 @@ def test_cifar10_reference_statistics_come_from_the_archive_with_the_shipped_net
 def test_task_evaluate_with_the_shipped_network_runs_offline(tmp_path):
     """task=evaluate on a small checkpoint's samples in a subprocess, torch's hub cache empty and kept empty:
     FID, KID and precision/recall from the shipped network, and the reason IS is unavailable."""
-    run_in_process(*TINY_QUICKSTART, "trainer.iterations=2", "trainer.batch_size=8", "trainer.sample_at_end=false",
-                   "schedule.num_timesteps=50", f"hydra.run.dir={tmp_path / 'train'}")  # fmt: skip
-    run_in_process("task=sample", f"checkpoint={tmp_path / 'train' / 'checkpoints' / 'last.pt'}", "sampler=ddim",
-                   "sampler.steps=5", "sample.num_images=40", "sample.batch_size=16", "sample.device=cpu",
-                   f"sample.out_dir={tmp_path / 'samples'}", f"hydra.run.dir={tmp_path / 'sample'}")  # fmt: skip
+    run_in_process(
+        *TINY_QUICKSTART,
+        "trainer.iterations=2",
+        "trainer.batch_size=8",
+        "trainer.sample_at_end=false",
+        "schedule.num_timesteps=50",
+        f"hydra.run.dir={tmp_path / 'train'}",
+    )
+    run_in_process(
+        "task=sample",
+        f"checkpoint={tmp_path / 'train' / 'checkpoints' / 'last.pt'}",
+        "sampler=ddim",
+        "sampler.steps=5",
+        "sample.num_images=40",
+        "sample.batch_size=16",
+        "sample.device=cpu",
+        f"sample.out_dir={tmp_path / 'samples'}",
+        f"hydra.run.dir={tmp_path / 'sample'}",
+    )
     hub = tmp_path / "torch_home"
     hub.mkdir()
     env = {**user_environment(), "TORCH_HOME": str(hub), "HF_HUB_OFFLINE": "1"}
     # No dataset=...: task=sample's npz records the data its checkpoint learned (the digits, not CIFAR-10).
-    args = ["task=evaluate", f"eval.samples={tmp_path / 'samples' / 'samples.npz'}",
-            "fid.reference_split=test", "fid.reference_num_images=48", f"fid.reference_dir={tmp_path / 'stats'}",
-            "eval.pr_num_samples=40", "eval.kid_subsets=5", "eval.device=cpu", f"hydra.run.dir={tmp_path / 'eval'}"]  # fmt: skip
-    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "main.py"), *args], capture_output=True, text=True,
-                            env=env, timeout=600)  # fmt: skip
+    args = [
+        "task=evaluate",
+        f"eval.samples={tmp_path / 'samples' / 'samples.npz'}",
+        "fid.reference_split=test",
+        "fid.reference_num_images=48",
+        f"fid.reference_dir={tmp_path / 'stats'}",
+        "eval.pr_num_samples=40",
+        "eval.kid_subsets=5",
+        "eval.device=cpu",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    ]
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "main.py"), *args], capture_output=True, text=True, env=env, timeout=600
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert list(hub.iterdir()) == []  # nothing was downloaded (or tried into the cache)
@@ -185,8 +221,15 @@ def test_task_evaluate_with_the_shipped_network_runs_offline(tmp_path):
     assert protocol["generated"]["sampler"]["steps"] == 5 and protocol["generated"]["seeds"] == [0]
     statistics = protocol["reference"]["statistics_file"]
     assert statistics.endswith(f"digits-16px-test-48-inception-v3-2015-12-05-{SHIPPED_INCEPTION_SHA256[:12]}.npz")
-    for printed in ("FID ", "KID ", "precision ", "Inception Score unavailable: the shipped Inception-v3",
-                    f"weights sha256 {SHIPPED_INCEPTION_SHA256}", "test split, 48 images", "ddim 5 steps"):  # fmt: skip
+    for printed in (
+        "FID ",
+        "KID ",
+        "precision ",
+        "Inception Score unavailable: the shipped Inception-v3",
+        f"weights sha256 {SHIPPED_INCEPTION_SHA256}",
+        "test split, 48 images",
+        "ddim 5 steps",
+    ):
         assert printed in output, printed
 
 

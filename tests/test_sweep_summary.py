@@ -6,11 +6,11 @@ import json
 import logging
 
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import TINY_QUICKSTART, run_main
+from omegaconf import OmegaConf
 from wandb_records import config_values, read_wandb_records
-from ddpm.sweep_summary import NO_RESULT, SweepSummary, summarize, write_summary
+
+from ddpm.io.sweep_summary import NO_RESULT, SweepSummary, summarize, write_summary
 
 
 def make_job(sweep_dir, num, overrides, summary=None):
@@ -26,11 +26,17 @@ def make_job(sweep_dir, num, overrides, summary=None):
 def finished(sweep_dir, num, **changes):
     """The summary.json of a finished job, with the numbers of job `num`."""
     return {
-        "steps": 100, "train_loss": 0.123456789, "test_loss": 0.2 + num, "stopped_early": False,
-        "skipped_nonfinite": 0, "resumed_from_step": None, "wall_time_s": 12.3456,
+        "steps": 100,
+        "train_loss": 0.123456789,
+        "test_loss": 0.2 + num,
+        "stopped_early": False,
+        "skipped_nonfinite": 0,
+        "resumed_from_step": None,
+        "wall_time_s": 12.3456,
         "sample_grid": str(sweep_dir / str(num) / "samples" / "final.png"),
-        "checkpoint": str(sweep_dir / str(num) / "checkpoints" / "last.pt"), **changes,
-    }  # fmt: skip
+        "checkpoint": str(sweep_dir / str(num) / "checkpoints" / "last.pt"),
+        **changes,
+    }
 
 
 @pytest.fixture
@@ -56,14 +62,38 @@ def test_summary_csv_has_one_row_per_job_in_job_order(fake_sweep):
     rows = read_csv(fake_sweep / "summary.csv")
 
     assert [row["job"] for row in rows] == ["0", "1", "2", "10"]  # numerically, not as text
-    assert list(rows[0]) == ["job", "status", "overrides", "steps", "train_loss", "test_loss", "wall_time_s",
-                             "slurm_job_id", "sample_grid", "error"]  # no fid column: no job has one  # fmt: skip
-    assert rows[0] == {"job": "0", "status": "done", "overrides": "lr=0.0 schedule=linear", "steps": "100",
-                       "train_loss": "0.123456789", "test_loss": "0.2", "wall_time_s": "12.3456",
-                       "slurm_job_id": "", "sample_grid": "0/samples/final.png", "error": ""}  # fmt: skip
+    assert list(rows[0]) == [
+        "job",
+        "status",
+        "overrides",
+        "steps",
+        "train_loss",
+        "test_loss",
+        "wall_time_s",
+        "slurm_job_id",
+        "sample_grid",
+        "error",
+    ]  # no fid column: no job has one
+    assert rows[0] == {
+        "job": "0",
+        "status": "done",
+        "overrides": "lr=0.0 schedule=linear",
+        "steps": "100",
+        "train_loss": "0.123456789",
+        "test_loss": "0.2",
+        "wall_time_s": "12.3456",
+        "slurm_job_id": "",
+        "sample_grid": "0/samples/final.png",
+        "error": "",
+    }
     failed = {name: "" for name in ("steps", "train_loss", "test_loss", "wall_time_s", "slurm_job_id", "sample_grid")}
-    assert rows[1] == {"job": "1", "status": "failed", "overrides": "lr=0.1 schedule=cosine", **failed,
-                       "error": NO_RESULT}  # no error line: it was killed, or never ran
+    assert rows[1] == {
+        "job": "1",
+        "status": "failed",
+        "overrides": "lr=0.1 schedule=cosine",
+        **failed,
+        "error": NO_RESULT,
+    }  # no error line: it was killed, or never ran
     assert rows[2]["slurm_job_id"] == "4242" and rows[2]["test_loss"] == "2.2"
     assert rows[3]["status"] == "done" and rows[3]["sample_grid"] == ""
 
@@ -95,17 +125,19 @@ def test_a_sample_grid_outside_the_sweep_keeps_its_path(tmp_path):
 
 
 def test_the_callback_logs_a_failure_instead_of_raising(tmp_path, caplog):
-    config = OmegaConf.create({"task": {"_target_": "ddpm.tasks.train.run"},
-                               "hydra": {"sweep": {"dir": str(tmp_path / "missing")}}})  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="ddpm.sweep_summary"):
+    config = OmegaConf.create(
+        {"task": {"_target_": "ddpm.tasks.train.run"}, "hydra": {"sweep": {"dir": str(tmp_path / "missing")}}}
+    )
+    with caplog.at_level(logging.WARNING, logger="ddpm.io.sweep_summary"):
         SweepSummary().on_multirun_end(config)
     assert "could not write the sweep summary" in caplog.text
 
 
 def test_the_callback_summarizes_only_training_sweeps(tmp_path):
     make_job(tmp_path, 0, ["sample.seed=0"])
-    config = OmegaConf.create({"task": {"_target_": "ddpm.tasks.sample.run"},
-                               "hydra": {"sweep": {"dir": str(tmp_path)}}})  # fmt: skip
+    config = OmegaConf.create(
+        {"task": {"_target_": "ddpm.tasks.sample.run"}, "hydra": {"sweep": {"dir": str(tmp_path)}}}
+    )
     SweepSummary().on_multirun_end(config)
     assert not (tmp_path / "summary.csv").exists()
 
@@ -113,9 +145,19 @@ def test_the_callback_summarizes_only_training_sweeps(tmp_path):
 @pytest.mark.slow
 def test_a_local_multirun_writes_its_summary_and_groups_its_wandb_runs(tmp_path):
     with_wandb = [argument for argument in TINY_QUICKSTART if argument != "logger=none"] + ["logger.mode=offline"]
-    run_main("-m", *with_wandb, "schedule=linear,cosine", "trainer.iterations=2", "trainer.batch_size=4",
-             "trainer.log_rate=1", "trainer.test_batches=1", "trainer.sample_at_end=false",
-             "trainer.checkpoint_rate=0", "schedule.num_timesteps=50", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
+    run_main(
+        "-m",
+        *with_wandb,
+        "schedule=linear,cosine",
+        "trainer.iterations=2",
+        "trainer.batch_size=4",
+        "trainer.log_rate=1",
+        "trainer.test_batches=1",
+        "trainer.sample_at_end=false",
+        "trainer.checkpoint_rate=0",
+        "schedule.num_timesteps=50",
+        f"hydra.sweep.dir={tmp_path}",
+    )
 
     rows = read_csv(tmp_path / "summary.csv")
     assert [(row["job"], row["status"], row["steps"]) for row in rows] == [("0", "done", "2"), ("1", "done", "2")]
@@ -136,14 +178,17 @@ def test_a_local_multirun_writes_its_summary_and_groups_its_wandb_runs(tmp_path)
 
 
 def test_a_job_with_an_error_line_is_failed_with_it_and_one_without_is_running_until_the_end(tmp_path):
-    from ddpm.sweep_summary import clear_job_error, record_job_error, update_summary
+    from ddpm.io.sweep_summary import clear_job_error, record_job_error, update_summary
 
     make_job(tmp_path, 0, ["lr=0.1"], finished(tmp_path, 0))
     record_job_error(make_job(tmp_path, 1, ["lr=9"]), "trainer.lr=9 is\nnot a learning rate")
     make_job(tmp_path, 2, ["lr=0.2"])
     during = summarize(tmp_path, final=False)
     assert [(row["status"], row.get("error")) for row in during] == [
-        ("done", None), ("failed", "trainer.lr=9 is not a learning rate"), ("running", None)]
+        ("done", None),
+        ("failed", "trainer.lr=9 is not a learning rate"),
+        ("running", None),
+    ]
     csv_path, md_path, picture = update_summary(tmp_path, final=False)
     assert "3 jobs, 1 done, 1 failed, 1 running." in md_path.read_text() and picture.is_file()
     assert read_csv(csv_path)[1]["error"].startswith("trainer.lr=9")
@@ -156,9 +201,19 @@ def test_a_job_with_an_error_line_is_failed_with_it_and_one_without_is_running_u
 def test_a_sweep_that_stops_at_a_failed_job_still_has_its_summary(tmp_path):
     """Hydra ends a local sweep at its first failed job, before the end-of-sweep callback: the summary written
     as each job ended lists the done job, and the failed one with its one error line."""
-    result = run_main("-m", *TINY_QUICKSTART, "trainer.batch_size=4,0", "trainer.iterations=2", "trainer.log_rate=1",
-                      "trainer.test_batches=1", "trainer.sample_at_end=false", "trainer.checkpoint_rate=0",
-                      "schedule.num_timesteps=50", f"hydra.sweep.dir={tmp_path}", check=False)  # fmt: skip
+    result = run_main(
+        "-m",
+        *TINY_QUICKSTART,
+        "trainer.batch_size=4,0",
+        "trainer.iterations=2",
+        "trainer.log_rate=1",
+        "trainer.test_batches=1",
+        "trainer.sample_at_end=false",
+        "trainer.checkpoint_rate=0",
+        "schedule.num_timesteps=50",
+        f"hydra.sweep.dir={tmp_path}",
+        check=False,
+    )
     assert result.returncode == 1
     rows = read_csv(tmp_path / "summary.csv")
     assert [(row["job"], row["status"]) for row in rows] == [("0", "done"), ("1", "failed")]

@@ -1,24 +1,25 @@
 """The loop's pieces: settings checks, warmup, early stopping, checkpoints, and a short real run in-process."""
 
 import math
+
 import pytest
 import torch
 
-from ddpm.checkpoint import load_checkpoint
+from ddpm.config.errors import ConfigError, NonFiniteError
 from ddpm.data.digits import digits
 from ddpm.data.loader import TrainingBatches
-from ddpm.diffusion import GaussianDiffusion
-from ddpm.ema import EMA
-from ddpm.errors import ConfigError, NonFiniteError
-from ddpm.fast_paths import FastPaths
-from ddpm.loggers import LocalLogger
-from ddpm.rng import seed_everything
-from ddpm.schedules import linear_betas
-from ddpm.devices import resolve_device
-from ddpm.train_settings import TrainSettings
-from ddpm.training import learning_rate, should_stop_early, train
-from ddpm.training_setup import build_training
-from ddpm.unet import UNet
+from ddpm.diffusion.gaussian import GaussianDiffusion
+from ddpm.diffusion.schedules import linear_betas
+from ddpm.io.checkpoint import load_checkpoint
+from ddpm.io.loggers import LocalLogger
+from ddpm.model.ema import EMA
+from ddpm.model.unet import UNet
+from ddpm.runtime.devices import resolve_device
+from ddpm.runtime.fast_paths import FastPaths
+from ddpm.runtime.rng import seed_everything
+from ddpm.training.loop import learning_rate, should_stop_early, train
+from ddpm.training.settings import TrainSettings
+from ddpm.training.setup import build_training
 
 
 @pytest.mark.parametrize(
@@ -92,8 +93,18 @@ def tiny_diffusion(use_labels=True, null_class=False, dropout=0.1, one_level=Fal
     """Two levels (the second attends at 8x8); one_level=True: a single attending level, for tests whose cost
     grows with the graph (compilation)."""
     shape = {"channel_mults": (1,), "attention_resolutions": (0,)} if one_level else {"channel_mults": (1, 2)}
-    model = UNet(in_channels=1, image_size=16, base_channels=16, num_res_blocks=1, num_groups=8, **shape,
-                 use_labels=use_labels, num_classes=10, dropout=dropout, null_class=null_class)  # fmt: skip
+    model = UNet(
+        in_channels=1,
+        image_size=16,
+        base_channels=16,
+        num_res_blocks=1,
+        num_groups=8,
+        **shape,
+        use_labels=use_labels,
+        num_classes=10,
+        dropout=dropout,
+        null_class=null_class,
+    )
     return GaussianDiffusion(model, linear_betas(50), 16, 1, ema=EMA(model, decay=0.9, start=2))
 
 
@@ -124,22 +135,52 @@ class PoisonedBatches(TrainingBatches):
         return (torch.full_like(x, float("nan")) if self.taken in self.poisoned else x), y
 
 
-def run_loop(tmp_path, resume_from=None, poisoned_steps=(), diffusion=None, evaluator=None, fused=False, fast=None,
-             on_log=None, device="cpu", **overrides):  # fmt: skip
+def run_loop(
+    tmp_path,
+    resume_from=None,
+    poisoned_steps=(),
+    diffusion=None,
+    evaluator=None,
+    fused=False,
+    fast=None,
+    on_log=None,
+    device="cpu",
+    **overrides,
+):
     seed_everything(0)
     diffusion = diffusion or tiny_diffusion()
-    settings = TrainSettings(**{"iterations": 8, "batch_size": 16, "use_labels": True, "log_rate": 2,
-                                "checkpoint_rate": 4, "sample_rate": 0, "grid_columns": 1, "device": device,
-                                "num_workers": 0, "test_batches": 1, **overrides})  # fmt: skip
+    settings = TrainSettings(
+        **{
+            "iterations": 8,
+            "batch_size": 16,
+            "use_labels": True,
+            "log_rate": 2,
+            "checkpoint_rate": 4,
+            "sample_rate": 0,
+            "grid_columns": 1,
+            "device": device,
+            "num_workers": 0,
+            "test_batches": 1,
+            **overrides,
+        }
+    )
     logger = RecordingLogger(tmp_path, on_log)
     optimizer = torch.optim.Adam(diffusion.model.parameters(), lr=1e-3, fused=fused)
     resume = (resume_from, load_checkpoint(resume_from)) if resume_from else None
     with build_training(
-        diffusion, optimizer, PoisonedBatches(poisoned_steps), settings, fast=fast or FastPaths(),
-        device=torch.device(device), run_dir=tmp_path, logger=logger, config={"note": "test"},
-        test_loader=torch.utils.data.DataLoader(digits(split="test"), batch_size=16), resume=resume,
+        diffusion,
+        optimizer,
+        PoisonedBatches(poisoned_steps),
+        settings,
+        fast=fast or FastPaths(),
+        device=torch.device(device),
+        run_dir=tmp_path,
+        logger=logger,
+        config={"note": "test"},
+        test_loader=torch.utils.data.DataLoader(digits(split="test"), batch_size=16),
+        resume=resume,
         evaluator=evaluator,
-    ) as parts:  # fmt: skip
+    ) as parts:
         summary = train(parts, settings)
     return diffusion, logger, summary
 
@@ -149,7 +190,11 @@ def test_the_loop_logs_checkpoints_and_samples(tmp_path):
     assert [step for step, _ in logger.metrics] == [2, 4, 6, 8]
     assert all({"train_loss", "test_loss", "lr"} <= set(m) for _, m in logger.metrics)
     assert summary["steps"] == 8 and not summary["stopped_early"]
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt", "step_0000004.pt", "step_0000008.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "last.pt",
+        "step_0000004.pt",
+        "step_0000008.pt",
+    ]
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert state["step"] == 8 and state["config"] == {"note": "test"}
     assert state["ema"]["_extra_state"]["num_updates"] == 8
@@ -165,8 +210,7 @@ def test_the_test_loss_is_a_function_of_the_weights_alone(tmp_path):
 
 
 def test_early_stopping_ends_the_run_and_still_checkpoints(tmp_path):
-    _, logger, summary = run_loop(tmp_path, iterations=40, log_rate=1, early_stop_loss_change=10.0,
-                                  sample_at_end=False)  # fmt: skip
+    _, logger, summary = run_loop(tmp_path, iterations=40, log_rate=1, early_stop_loss_change=10.0, sample_at_end=False)
     assert summary["stopped_early"] and summary["steps"] == 11  # the 11th log is the first with 10 changes
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 11
 
@@ -181,8 +225,13 @@ def test_an_interrupted_loop_resumes_bit_identical(tmp_path, fused):
     """In-process version of tests/test_resume.py: 10 steps, against 6 steps resumed from step 4's checkpoint."""
     uninterrupted, reference, _ = run_loop(tmp_path / "a", iterations=10, log_rate=3, fused=fused)
     run_loop(tmp_path / "b", iterations=6, log_rate=3, fused=fused)
-    resumed, logger, summary = run_loop(tmp_path / "b", iterations=10, log_rate=3, fused=fused,
-                                        resume_from=tmp_path / "b" / "checkpoints" / "step_0000004.pt")
+    resumed, logger, summary = run_loop(
+        tmp_path / "b",
+        iterations=10,
+        log_rate=3,
+        fused=fused,
+        resume_from=tmp_path / "b" / "checkpoints" / "step_0000004.pt",
+    )
     assert summary["resumed_from_step"] == 4 and summary["steps"] == 10
     for name, tensor in uninterrupted.state_dict().items():
         if isinstance(tensor, torch.Tensor):
@@ -190,9 +239,10 @@ def test_an_interrupted_loop_resumes_bit_identical(tmp_path, fused):
     assert uninterrupted.ema.num_updates == resumed.ema.num_updates == 10
     expected = [(step, m) for step, m in reference.metrics if step > 4]
     assert [step for step, _ in logger.metrics] == [6, 9]
-    for (step, got), (_, want) in zip(logger.metrics, expected):
-        assert {k: got[k] for k in ("train_loss", "test_loss", "grad_norm")} == \
-            {k: want[k] for k in ("train_loss", "test_loss", "grad_norm")}, step
+    for (step, got), (_, want) in zip(logger.metrics, expected, strict=True):
+        assert {k: got[k] for k in ("train_loss", "test_loss", "grad_norm")} == {
+            k: want[k] for k in ("train_loss", "test_loss", "grad_norm")
+        }, step
 
 
 # A for-loop Adam is checked on the host at every step; a fused one skips on the device and is checked at logs.
@@ -201,7 +251,9 @@ ADAM_KINDS = pytest.mark.parametrize("fused", [False, True], ids=["for-loop-adam
 
 @ADAM_KINDS
 def test_a_nonfinite_step_stops_the_run_naming_the_step_and_the_last_checkpoint(tmp_path, fused):
-    message = r"step 6: the loss (is nan|or the gradient norm is not finite).*last.pt \(step 4\).*trainer.skip_nonfinite"
+    message = (
+        r"step 6: the loss (is nan|or the gradient norm is not finite).*last.pt \(step 4\).*trainer.skip_nonfinite"
+    )
     with pytest.raises(NonFiniteError, match=message):
         run_loop(tmp_path, poisoned_steps=[6], fused=fused)
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
@@ -221,8 +273,11 @@ def test_skip_nonfinite_skips_and_counts_up_to_n_steps(tmp_path, fused):
 
 def test_keep_checkpoints_prunes_the_periodic_ones(tmp_path):
     run_loop(tmp_path, iterations=8, checkpoint_rate=2, keep_checkpoints=2, sample_at_end=False)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt", "step_0000006.pt",
-                                                                           "step_0000008.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "last.pt",
+        "step_0000006.pt",
+        "step_0000008.pt",
+    ]
 
 
 class RandomlyFlipped(torch.utils.data.Dataset):
@@ -252,7 +307,7 @@ def test_batches_restart_at_any_position_with_the_same_order_and_augmentation(nu
 
     fresh = TrainingBatches(dataset, 16, seed=5, num_workers=0)
     fresh.load_state_dict({**state, "epoch": 1, "batch": 1})  # restart at the 4th batch
-    for (x, i), (x_again, i_again) in zip(stream[3:], [next(fresh) for _ in range(4)]):
+    for (x, i), (x_again, i_again) in zip(stream[3:], [next(fresh) for _ in range(4)], strict=True):
         assert torch.equal(x, x_again) and torch.equal(i, i_again)
     reference = TrainingBatches(dataset, 16, seed=5, num_workers=0)
     assert all(torch.equal(x, next(reference)[0]) for x, _ in stream)  # workers change nothing
@@ -264,7 +319,7 @@ def test_augmentation_differs_between_images_and_epochs():
 
     def flipped(batch):
         images, indices = batch
-        return {int(i): not torch.equal(x, dataset.images[i]) for x, i in zip(images, indices)}
+        return {int(i): not torch.equal(x, dataset.images[i]) for x, i in zip(images, indices, strict=True)}
 
     first, second = flipped(next(batches)), flipped(next(batches))  # two epochs of the same 32 images
     assert set(first.values()) == {True, False}  # chance of failing: 2 in 2**32
@@ -286,8 +341,15 @@ class ScriptedFid:
 
 def test_the_best_fid_is_kept_as_best_pt_and_can_stop_the_run(tmp_path):
     fid = ScriptedFid([5.0, 3.0, 4.0, 4.0, 1.0])
-    _, logger, summary = run_loop(tmp_path, iterations=12, eval_rate=2, early_stop_metric="fid",
-                                  early_stop_patience=2, evaluator=fid, sample_at_end=False)  # fmt: skip
+    _, logger, summary = run_loop(
+        tmp_path,
+        iterations=12,
+        eval_rate=2,
+        early_stop_metric="fid",
+        early_stop_patience=2,
+        evaluator=fid,
+        sample_at_end=False,
+    )
     assert summary["steps"] == 8 and summary["stopped_early"]  # evaluations at 2, 4 (best), 6, 8: two without gain
     assert summary["best_fid"] == 3.0
     best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")

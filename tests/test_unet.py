@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import compose_config
 from einops import rearrange
 from hydra.utils import instantiate
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conftest import compose_config
-from ddpm.errors import ConfigError
-from ddpm.unet import UNet
-from ddpm.unet_blocks import AttentionBlock, Upsample
+from ddpm.config.errors import ConfigError
+from ddpm.model.blocks import AttentionBlock, Upsample
+from ddpm.model.unet import UNet
 
 SMALL = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, num_groups=8)
 
@@ -63,8 +63,11 @@ def test_every_norm_and_activation_runs(norm, activation):
 def test_attention_uses_scaled_dot_product_attention(monkeypatch):
     calls = []
     original = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "scaled_dot_product_attention",
+        lambda *a, **k: calls.append(a[0].shape) or original(*a, **k),
+    )
     model = UNet(in_channels=1, image_size=16, attention_resolutions=(1,), **SMALL)
     model(torch.randn(2, 1, 16, 16), torch.tensor([1, 2]))
     # Level 1 (8x8) on the way down and up, and the middle block (8x8): (batch, heads, pixels, head_dim).
@@ -117,15 +120,15 @@ def test_subpixel_upsampling_is_nearest_upsampling_then_the_3x3_convolution(layo
     plain.square().sum().backward()
     assert fast.is_contiguous(memory_format=layout)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
-    for got, want in zip(fast_grads, [x.grad, upsample.conv.weight.grad]):
+    for got, want in zip(fast_grads, [x.grad, upsample.conv.weight.grad], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_a_float64_model_runs_in_float64_end_to_end():
     """The time embedding follows the network's dtype: .double() gives float64 predictions, losses and samples."""
-    from ddpm.diffusion import GaussianDiffusion
-    from ddpm.samplers import ddim
-    from ddpm.schedules import linear_betas
+    from ddpm.diffusion.gaussian import GaussianDiffusion
+    from ddpm.diffusion.samplers import ddim
+    from ddpm.diffusion.schedules import linear_betas
 
     torch.manual_seed(0)
     model = UNet(in_channels=1, image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, num_groups=4)

@@ -1,15 +1,15 @@
-"""The one update step (ddpm.update.UpdateStep) of the loop, task=benchmark and compare_diffusers.py: a non-finite
+"""The one update step (ddpm.training.update.UpdateStep) of the loop, task=benchmark and compare_diffusers.py: a non-finite
 step never reaches the weights, and the EMA follows one policy on a skipped step whatever the optimizer kind."""
 
 import pytest
 import torch
 
-from ddpm.diffusion import GaussianDiffusion
-from ddpm.ema import EMA
-from ddpm.fast_paths import FastPaths
-from ddpm.schedules import linear_betas
-from ddpm.unet import UNet
-from ddpm.update import UpdateStep
+from ddpm.diffusion.gaussian import GaussianDiffusion
+from ddpm.diffusion.schedules import linear_betas
+from ddpm.model.ema import EMA
+from ddpm.model.unet import UNet
+from ddpm.runtime.fast_paths import FastPaths
+from ddpm.training.update import UpdateStep
 
 CPU = torch.device("cpu")
 OPTIMIZER_KINDS = pytest.mark.parametrize("fused", [False, True], ids=["for-loop-adam", "fused-adam"])
@@ -17,8 +17,16 @@ OPTIMIZER_KINDS = pytest.mark.parametrize("fused", [False, True], ids=["for-loop
 
 def tiny(decay: float = 0.9) -> GaussianDiffusion:
     torch.manual_seed(0)
-    model = UNet(in_channels=1, image_size=8, base_channels=8, channel_mults=(1,), num_res_blocks=1, num_groups=4,
-                 attention_resolutions=(), dropout=0.0)  # fmt: skip
+    model = UNet(
+        in_channels=1,
+        image_size=8,
+        base_channels=8,
+        channel_mults=(1,),
+        num_res_blocks=1,
+        num_groups=4,
+        attention_resolutions=(),
+        dropout=0.0,
+    )
     return GaussianDiffusion(model, linear_betas(50), 8, 1, ema=EMA(model, decay=decay, start=0))
 
 

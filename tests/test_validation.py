@@ -5,10 +5,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import PROJECT_ROOT, compose_config, user_environment
-from ddpm.errors import ConfigError
-from ddpm.validation import build_settings
+
+from ddpm.config.errors import ConfigError
+from ddpm.config.validation import build_settings
 
 
 @pytest.mark.parametrize(
@@ -23,7 +23,11 @@ from ddpm.validation import build_settings
         ("evaluate", ["eval.pr_k=1.5"], "eval.pr_k=1.5 must be of type int"),
         ("benchmark", ["benchmark.max_seconds=0"], "benchmark.max_seconds=0 must be >= 0.001"),
         ("train", ["trainer.ema_decay=nan"], "trainer.ema_decay=nan is not a number"),
-        ("train", ["trainer.early_stop_metric=fidd"], "trainer.early_stop_metric='fidd' is not one of ['train_loss', 'fid']"),
+        (
+            "train",
+            ["trainer.early_stop_metric=fidd"],
+            "trainer.early_stop_metric='fidd' is not one of ['train_loss', 'fid']",
+        ),
         ("sample", ["sample.use_ema=maybe"], "sample.use_ema='maybe' must be of type bool"),
         ("evaluate", ["fid.batch_size=0"], "fid.batch_size=0 must be >= 1"),
     ],
@@ -39,13 +43,22 @@ def test_every_settings_node_is_checked_alike(task, overrides, message):
 
 def test_an_unknown_key_added_with_plus_is_refused_with_the_closest_known_one():
     cfg = compose_config("task=sample", "+sample.num_image=3")
-    with pytest.raises(ConfigError, match=r"sample.num_image is not a setting of sample \(nothing would read it\); did you mean sample.num_images\?"):
+    with pytest.raises(
+        ConfigError,
+        match=r"sample.num_image is not a setting of sample \(nothing would read it\); did you mean sample.num_images\?",
+    ):
         build_settings(cfg.sample)
 
 
 def test_a_renamed_key_fails_in_one_line_naming_the_new_one():
-    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "main.py"), "task=evaluate", "eval.reference_dir=stats"],
-                            capture_output=True, text=True, env=user_environment(), timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "main.py"), "task=evaluate", "eval.reference_dir=stats"],
+        capture_output=True,
+        text=True,
+        env=user_environment(),
+        timeout=120,
+    )
     assert result.returncode == 1
-    assert result.stderr.strip() == ("main.py: eval.reference_dir is now fid.reference_dir: eval.reference_dir=stats -> "
-                                     "fid.reference_dir=stats")  # fmt: skip
+    assert result.stderr.strip() == (
+        "main.py: eval.reference_dir is now fid.reference_dir: eval.reference_dir=stats -> fid.reference_dir=stats"
+    )

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from ddpm.checks import config_types
-from ddpm.errors import ConfigError, DatasetNotFoundError
+from ddpm.config.type_checks import config_types
+from ddpm.config.errors import ConfigError, DatasetNotFoundError
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -19,7 +19,7 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     if package is None or not package.submodule_search_locations:
         raise DatasetNotFoundError("dataset=digits reads scikit-learn's copy of the digits: pip install scikit-learn")
     table = np.loadtxt(Path(package.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz",
-                       delimiter=",")  # fmt: skip
+                       delimiter=",")
     return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
 
 

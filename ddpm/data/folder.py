@@ -7,8 +7,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ddpm.data.transforms import to_model_range
-from ddpm.checks import config_types
-from ddpm.errors import ConfigError, DatasetNotFoundError
+from ddpm.config.type_checks import config_types
+from ddpm.config.errors import ConfigError, DatasetNotFoundError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

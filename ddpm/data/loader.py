@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ddpm.errors import ConfigError
+from ddpm.config.errors import ConfigError
 
 
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers leave SIGINT and SIGTERM to the main process, which stops at a step boundary with a
-    checkpoint (ddpm.preemption): Ctrl-C, and SLURM's SIGTERM, reach every process of the group, and a worker
+    checkpoint (ddpm.training.preemption): Ctrl-C, and SLURM's SIGTERM, reach every process of the group, and a worker
     they ended would fail the step in flight. Workers end with the main process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -65,7 +65,7 @@ class EpochOrder(Sampler):
     """
 
     def __init__(self, num_items: int, batch_size: int, *, seed: int, epoch: int = 0, batch: int = 0,
-                 rank: int = 0, world_size: int = 1):  # fmt: skip
+                 rank: int = 0, world_size: int = 1):
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.epoch, self.batch = epoch, batch
         self.rank, self.world_size = rank, world_size
@@ -120,7 +120,7 @@ class ResumableBatches:
     def order(self) -> EpochOrder:
         """The (seed, indices) of every batch from the current position on."""
         return EpochOrder(self.num_items, self.batch_size, seed=self.seed, epoch=self.epoch, batch=self.batch,
-                          rank=self.rank, world_size=self.world_size)  # fmt: skip
+                          rank=self.rank, world_size=self.world_size)
 
     def advance(self) -> None:
         """Counts one batch handed to the loop."""
@@ -136,7 +136,7 @@ class TrainingBatches(ResumableBatches):
     """Batches of (images, labels) from a dataset, loaded by DataLoader workers (into pinned memory for a GPU)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, num_workers: int = 0,
-                 pin_memory: bool = False, rank: int = 0, world_size: int = 1):  # fmt: skip
+                 pin_memory: bool = False, rank: int = 0, world_size: int = 1):
         super().__init__(len(dataset), batch_size, seed=seed, rank=rank, world_size=world_size)
         self.dataset, self.num_workers, self.pin_memory = dataset, num_workers, pin_memory
         self._iterator: Iterator | None = None
@@ -167,4 +167,4 @@ def evaluation_batches(dataset: Dataset, batch_size: int, *, num_workers: int) -
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
         generator=torch.Generator().manual_seed(0),  # leaves the global stream alone at every pass
         worker_init_fn=ignore_stop_signals,
-    )  # fmt: skip
+    )

@@ -6,13 +6,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ddpm.diffusion import GaussianDiffusion
+from ddpm.diffusion.gaussian import GaussianDiffusion
+from ddpm.diffusion.generation import as_arrays, class_labels, draw_images
+from ddpm.diffusion.samplers import ddim
 from ddpm.evaluation.protocol import evaluation_protocol, generation_protocol
 from ddpm.evaluation.reference import reference_statistics
 from ddpm.evaluation.scores import image_metrics
 from ddpm.evaluation.settings import FidSettings
-from ddpm.generation import as_arrays, class_labels, draw_images
-from ddpm.samplers import ddim
 
 
 class FidDuringTraining:
@@ -25,8 +25,18 @@ class FidDuringTraining:
 
     SEED = 0
 
-    def __init__(self, fid: FidSettings, dataset: DictConfig, data_dir: str, *, device: torch.device,
-                 num_samples: int, steps: int, batch_size: int, ema: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        fid: FidSettings,
+        dataset: DictConfig,
+        data_dir: str,
+        *,
+        device: torch.device,
+        num_samples: int,
+        steps: int,
+        batch_size: int,
+        ema: bool = True,
+    ):
         self.fid, self.device, self.num_samples, self.batch_size = fid, device, num_samples, batch_size
         self.extractor = fid.build_extractor(device)
         self.reference = reference_statistics(fid, dataset, data_dir, self.extractor)
@@ -35,16 +45,30 @@ class FidDuringTraining:
         record = {"sampler": sampler, "use_ema": ema, "seed": self.SEED, "precision": "fp32 (no autocast)"}
         generated = generation_protocol(num_samples, record, [self.SEED], {"during_training": True})
         self.protocol = evaluation_protocol(self.extractor, self.reference, generated)
-        self.description = (f"{num_samples} images, ddim {steps} steps, {'EMA' if ema else 'raw'} weights, {self.extractor.name} "
-                            f"against {self.reference['num_images']} {self.reference['split']} images")  # fmt: skip
+        self.description = (
+            f"{num_samples} images, ddim {steps} steps, {'EMA' if ema else 'raw'} weights, {self.extractor.name} "
+            f"against {self.reference['num_images']} {self.reference['split']} images"
+        )
 
     def images(self, diffusion: GaussianDiffusion) -> np.ndarray:
         labels = class_labels(self.num_samples, diffusion.model.num_classes)
-        batches = draw_images(diffusion, self.sampler, images=range(self.num_samples), batch_size=self.batch_size,
-                              seed=self.SEED, device=self.device, labels=labels)  # fmt: skip
+        batches = draw_images(
+            diffusion,
+            self.sampler,
+            images=range(self.num_samples),
+            batch_size=self.batch_size,
+            seed=self.SEED,
+            device=self.device,
+            labels=labels,
+        )
         return as_arrays(batches)["arr_0"]
 
     def __call__(self, diffusion: GaussianDiffusion) -> float:
-        metrics = image_metrics(self.images(diffusion), self.extractor, self.reference,
-                                feature_batch_size=self.fid.batch_size, is_splits=None)  # fmt: skip
+        metrics = image_metrics(
+            self.images(diffusion),
+            self.extractor,
+            self.reference,
+            feature_batch_size=self.fid.batch_size,
+            is_splits=None,
+        )
         return metrics["fid"]

@@ -6,11 +6,18 @@ and reported as an estimate.
 """
 
 import logging
+from itertools import pairwise
 
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ddpm.diffusion import GaussianDiffusion, eval_mode
+from ddpm.config.errors import ConfigError
+from ddpm.data.loader import evaluation_batches
+from ddpm.diffusion.bound import bound_at, prior_bits
+from ddpm.diffusion.gaussian import GaussianDiffusion, eval_mode
+from ddpm.evaluation.settings import EvalSettings
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +35,8 @@ def bound_quadrature(num_timesteps: int, timesteps: int | None) -> tuple[list[in
     # i + c (i / (K - 1))^2 grows by at least 1 per step, so the K rounded timesteps are distinct: 1 ... T - 1
     stretch = last - timesteps
     points = [1 + round(i + stretch * (i / (timesteps - 1)) ** 2) for i in range(timesteps)]
-    bounds = [1, *[(a + b) // 2 + 1 for a, b in zip(points, points[1:])], num_timesteps]
-    return points, [high - low for low, high in zip(bounds, bounds[1:])]
+    bounds = [1, *[(a + b) // 2 + 1 for a, b in pairwise(points)], num_timesteps]
+    return points, [high - low for low, high in pairwise(bounds)]
 
 
 @torch.no_grad()
@@ -62,9 +69,14 @@ def test_set_nll(
                 x0, y = x0[: num_images - count], y[: num_images - count]
             x0 = x0.to(device).float()
             labels = y.to(device) if use_labels else None
-            terms = {t: diffusion.bound_at(x0, t, labels, generator=generator, use_ema=use_ema) for t in [0, *kl_steps]}
-            kl = sum((weight * terms[t] for t, weight in zip(kl_steps, kl_weights)), torch.zeros(len(x0), device=device))
-            totals["prior"] += diffusion.prior_bits(x0).sum().item()
+            terms = {
+                t: bound_at(diffusion, x0, t, labels, generator=generator, use_ema=use_ema) for t in [0, *kl_steps]
+            }
+            kl = sum(
+                (weight * terms[t] for t, weight in zip(kl_steps, kl_weights, strict=True)),
+                torch.zeros(len(x0), device=device),
+            )
+            totals["prior"] += prior_bits(diffusion, x0).sum().item()
             totals["decoder"] += terms[0].sum().item()
             totals["kl"] += kl.sum().item()
             for t, values in terms.items():
@@ -97,3 +109,33 @@ def test_set_nll(
         "ema": use_ema and diffusion.ema is not None,
     }
 
+
+def test_split_nll(
+    diffusion: GaussianDiffusion, state: dict, dataset: DictConfig, settings: EvalSettings, device: torch.device
+) -> dict:
+    """The variational bound in bits/dim on the test split of the checkpoint's data, logged per term."""
+    test_set = instantiate(dataset, split="test")
+    if test_set is None:
+        raise ConfigError(f"eval.nll=true needs a test split, and dataset {dataset.get('_target_')} has none")
+    use_labels = bool(OmegaConf.select(OmegaConf.create(state["config"]), "trainer.use_labels", default=False))
+    batches = evaluation_batches(test_set, settings.batch_size, num_workers=0)
+    nll = test_set_nll(
+        diffusion,
+        batches,
+        device=device,
+        use_labels=use_labels,
+        timesteps=settings.nll_timesteps,
+        num_images=settings.nll_num_images,
+        use_ema=settings.use_ema,
+        seed=settings.seed,
+    )
+    log.info(
+        "NLL %.4f bits/dim on %d test images (L_T %.4f + KL %.4f + L_0 %.4f)%s",
+        nll["bits_per_dim"],
+        nll["num_images"],
+        nll["prior_bits_per_dim"],
+        nll["kl_bits_per_dim"],
+        nll["decoder_bits_per_dim"],
+        "" if nll["exact"] else f"; {nll['note']}",
+    )
+    return nll

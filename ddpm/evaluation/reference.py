@@ -14,11 +14,11 @@ from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from ddpm.errors import ConfigError
+from ddpm.config.errors import ConfigError
+from ddpm.evaluation.metrics import feature_statistics
 from ddpm.evaluation.samples import read_npz, save_npz
 from ddpm.evaluation.settings import FidSettings
-from ddpm.images import to_uint8
-from ddpm.metrics import feature_statistics
+from ddpm.io.images import to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +68,21 @@ def statistics_file(fid: FidSettings, dataset: DictConfig, data_dir: str, extrac
     hash, so statistics of another network, split or count are never read for these."""
     directory = Path(to_absolute_path(fid.reference_dir or str(Path(data_dir) / "fid_stats")))
     count = fid.reference_num_images or "all"
-    return directory / (f"{dataset_name(dataset)}-{fid.reference_split}-{count}-{extractor.name}-"
-                        f"{extractor.weights_sha256[:12]}.npz")  # fmt: skip
+    return directory / (
+        f"{dataset_name(dataset)}-{fid.reference_split}-{count}-{extractor.name}-{extractor.weights_sha256[:12]}.npz"
+    )
 
 
 def reference_statistics(fid: FidSettings, dataset: DictConfig, data_dir: str, extractor: Any) -> dict[str, Any]:
     """mu, sigma and a fixed subset of the features (for KID and precision/recall) of the reference split, from
     the cache in fid.reference_dir (default <data_dir>/fid_stats), computed first when the cache has none."""
     path = statistics_file(fid, dataset, data_dir, extractor)
-    protocol = {"dataset": dataset_name(dataset), "split": fid.reference_split, "extractor": extractor.name,
-                "weights_sha256": extractor.weights_sha256}  # fmt: skip
+    protocol = {
+        "dataset": dataset_name(dataset),
+        "split": fid.reference_split,
+        "extractor": extractor.name,
+        "weights_sha256": extractor.weights_sha256,
+    }
     if path.is_file():
         data = read_npz(path, "fid.reference_dir")
         meta = json.loads(str(data.pop("meta"))) if "meta" in data else {}
@@ -86,8 +91,9 @@ def reference_statistics(fid: FidSettings, dataset: DictConfig, data_dir: str, e
             return {"path": str(path), "num_images": meta["num_images"], **protocol, **data}
         log.warning("%s was computed with other settings (%s): computing it again", path, meta or "no record")
     log.info("computing the reference statistics of the %s split into %s (once)", fid.reference_split, path)
-    features, _ = extract_features(extractor, dataset_images(dataset, fid.reference_split, fid.reference_num_images),
-                                   fid.batch_size)  # fmt: skip
+    features, _ = extract_features(
+        extractor, dataset_images(dataset, fid.reference_split, fid.reference_num_images), fid.batch_size
+    )
     mu, sigma = feature_statistics(features)
     # A fixed subset, so that KID and precision/recall compare with the same real images every time.
     subset = np.random.default_rng(0).permutation(len(features))[: fid.reference_pr_images]

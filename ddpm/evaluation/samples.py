@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from hydra.utils import to_absolute_path
 
-from ddpm.checkpoint import check_file, file_kind, write_atomically
-from ddpm.errors import ConfigError
+from ddpm.config.errors import ConfigError
+from ddpm.io.checkpoint import check_file, file_kind, write_atomically
 
 SHARD_FILE = re.compile(r"shard_(\d+)_of_(\d+)\.npz")
 
@@ -38,7 +38,9 @@ def read_npz(path: Path, key: str) -> dict[str, np.ndarray]:
             return {name: data[name] for name in data.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error) as error:
         reason = next(iter(str(error).splitlines()), "") or type(error).__name__
-        raise ConfigError(f"{key}={path} is truncated or damaged: it cannot be read as an npz file ({reason})") from error
+        raise ConfigError(
+            f"{key}={path} is truncated or damaged: it cannot be read as an npz file ({reason})"
+        ) from error
 
 
 def read_samples(path: str | Path) -> tuple[np.ndarray, dict | None]:
@@ -50,7 +52,9 @@ def read_samples(path: str | Path) -> tuple[np.ndarray, dict | None]:
         raise ConfigError(f"eval.samples={path} has no arr_0 (images N x H x W x C, uint8)")
     images = data["arr_0"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ConfigError(f"eval.samples={path}: arr_0 is {images.dtype} {images.shape}, expected uint8 N x H x W x (1 or 3)")
+        raise ConfigError(
+            f"eval.samples={path}: arr_0 is {images.dtype} {images.shape}, expected uint8 N x H x W x (1 or 3)"
+        )
     return images, json.loads(str(data["meta"])) if "meta" in data else None
 
 
@@ -75,15 +79,21 @@ def merge_shards(directory: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     for index in range(total):
         data = read_npz(found[(index, total)], "eval.merge")
         if "meta" not in data:
-            raise ConfigError(f"eval.merge={directory}: {shard_name(index, total)} holds no meta (the settings it was "
-                              "drawn with): not a shard of task=evaluate eval.num_shards=N")  # fmt: skip
+            raise ConfigError(
+                f"eval.merge={directory}: {shard_name(index, total)} holds no meta (the settings it was "
+                "drawn with): not a shard of task=evaluate eval.num_shards=N"
+            )
         parts.append({key: value for key, value in data.items() if key != "meta"})
         metas.append(json.loads(str(data["meta"])))
     first = {k: v for k, v in metas[0].items() if k != "shard"}
     for index, meta in enumerate(metas):
         if {k: v for k, v in meta.items() if k != "shard"} != first:
-            raise ConfigError(f"eval.merge={directory}: {shard_name(index, total)} was drawn with other settings than shard_0")
+            raise ConfigError(
+                f"eval.merge={directory}: {shard_name(index, total)} was drawn with other settings than shard_0"
+            )
     arrays = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     if len(arrays["arr_0"]) != first["num_samples"]:
-        raise ConfigError(f"eval.merge={directory}: the shards hold {len(arrays['arr_0'])} images, not {first['num_samples']}")
+        raise ConfigError(
+            f"eval.merge={directory}: the shards hold {len(arrays['arr_0'])} images, not {first['num_samples']}"
+        )
     return arrays, first

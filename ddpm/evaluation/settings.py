@@ -7,17 +7,17 @@ from typing import Any, ClassVar
 import torch
 from hydra.utils import instantiate
 
-from ddpm.errors import ConfigError
-from ddpm.validation import Validated, at_least, one_of, seed_value
+from ddpm.config.errors import ConfigError
+from ddpm.config.validation import Validated, at_least, one_of, seed_value
 
 # Sampler names of eval.nfe_samplers -> their config nodes; ddpm runs once, at every timestep.
 SWEEP_SAMPLERS = {
-    "ddim": {"_target_": "ddpm.samplers.ddim"},
-    "ddim_stochastic": {"_target_": "ddpm.samplers.ddim", "eta": 1.0},
-    "dpm_solver": {"_target_": "ddpm.samplers.dpm_solver"},
-    "dpm_solver_sde": {"_target_": "ddpm.samplers.dpm_solver", "eta": 1.0},
-    "heun": {"_target_": "ddpm.samplers.heun"},
-    "ddpm": {"_target_": "ddpm.samplers.ddpm_ancestral"},
+    "ddim": {"_target_": "ddpm.diffusion.samplers.ddim"},
+    "ddim_stochastic": {"_target_": "ddpm.diffusion.samplers.ddim", "eta": 1.0},
+    "dpm_solver": {"_target_": "ddpm.diffusion.samplers.dpm_solver"},
+    "dpm_solver_sde": {"_target_": "ddpm.diffusion.samplers.dpm_solver", "eta": 1.0},
+    "heun": {"_target_": "ddpm.diffusion.samplers.heun"},
+    "ddpm": {"_target_": "ddpm.diffusion.samplers.ddpm_ancestral"},
 }
 DEFAULT_SWEEP_SAMPLERS = ["ddim", "dpm_solver", "ddpm"]
 
@@ -73,27 +73,38 @@ class EvalSettings(Validated):
 
     def check(self) -> None:
         if not self.fid and not self.nll:
-            raise ConfigError("eval.fid=false and eval.nll=false leave nothing to compute: set eval.nll=true for "
-                              "the likelihood alone")  # fmt: skip
+            raise ConfigError(
+                "eval.fid=false and eval.nll=false leave nothing to compute: set eval.nll=true for the likelihood alone"
+            )
         if self.nll and (self.samples or self.merge):
             source = f"eval.samples={self.samples}" if self.samples else f"eval.merge={self.merge}"
-            raise ConfigError(f"eval.nll=true with {source}: the likelihood is of a checkpoint's model (checkpoint=PATH), "
-                              "not of samples")  # fmt: skip
+            raise ConfigError(
+                f"eval.nll=true with {source}: the likelihood is of a checkpoint's model (checkpoint=PATH), "
+                "not of samples"
+            )
         if self.nll and (self.num_shards > 1 or self.nfe_sweep is not None):
-            raise ConfigError("eval.nll=true runs in one job: it does not go with eval.num_shards > 1 or eval.nfe_sweep")
+            raise ConfigError(
+                "eval.nll=true runs in one job: it does not go with eval.num_shards > 1 or eval.nfe_sweep"
+            )
         seeds = self.seeds
         if seeds is not None:
             if not seeds or len(set(seeds)) != len(seeds) or not all(0 <= seed < 2**32 for seed in seeds):
-                raise ConfigError(f"eval.seeds={seeds!r} must be null or a list of distinct seeds in [0, 2**32), "
-                                  "e.g. [0,1,2]")  # fmt: skip
+                raise ConfigError(
+                    f"eval.seeds={seeds!r} must be null or a list of distinct seeds in [0, 2**32), e.g. [0,1,2]"
+                )
             if len(seeds) > 1 and (self.samples or self.merge or self.num_shards > 1 or self.nfe_sweep is not None):
-                raise ConfigError(f"eval.seeds={seeds!r}: several seeds draw their own images in one job; they do not "
-                                  "go with eval.samples, eval.merge, eval.num_shards > 1 or eval.nfe_sweep")  # fmt: skip
+                raise ConfigError(
+                    f"eval.seeds={seeds!r}: several seeds draw their own images in one job; they do not "
+                    "go with eval.samples, eval.merge, eval.num_shards > 1 or eval.nfe_sweep"
+                )
         if self.num_samples < max(2, self.is_splits):
-            raise ConfigError(f"eval.num_samples={self.num_samples} must be >= eval.is_splits={self.is_splits} (and >= 2)")
+            raise ConfigError(
+                f"eval.num_samples={self.num_samples} must be >= eval.is_splits={self.is_splits} (and >= 2)"
+            )
         if not 0 <= self.shard < self.num_shards:
-            raise ConfigError(f"eval.shard={self.shard!r} must be in 0..{self.num_shards - 1} "
-                              f"(eval.num_shards={self.num_shards})")  # fmt: skip
+            raise ConfigError(
+                f"eval.shard={self.shard!r} must be in 0..{self.num_shards - 1} (eval.num_shards={self.num_shards})"
+            )
         if self.num_shards > self.num_batches:
             raise ConfigError(
                 f"eval.num_shards={self.num_shards} is more than the {self.num_batches} batches of eval.batch_size="
@@ -101,15 +112,20 @@ class EvalSettings(Validated):
             )
         sweep = self.nfe_sweep
         if sweep is not None and (not sweep or not all(steps >= 1 for steps in sweep)):
-            raise ConfigError(f"eval.nfe_sweep={sweep!r} must be null or a list of step counts, e.g. [10,20,50,100,1000]")
+            raise ConfigError(
+                f"eval.nfe_sweep={sweep!r} must be null or a list of step counts, e.g. [10,20,50,100,1000]"
+            )
         if not self.nfe_samplers or any(name not in SWEEP_SAMPLERS for name in self.nfe_samplers):
             raise ConfigError(f"eval.nfe_samplers={self.nfe_samplers!r}: choose from {list(SWEEP_SAMPLERS)}")
-        sources = [f"{key}={value}" for key, value in (("eval.samples", self.samples), ("eval.merge", self.merge)) if value]
+        sources = [
+            f"{key}={value}" for key, value in (("eval.samples", self.samples), ("eval.merge", self.merge)) if value
+        ]
         if len(sources) > 1:
             raise ConfigError(f"{' and '.join(sources)}: give one source of samples, not both")
         if sources and (sweep is not None or self.num_shards > 1):
-            raise ConfigError(f"{sources[0]} reads existing samples: it does not go with eval.nfe_sweep or "
-                              "eval.num_shards > 1")  # fmt: skip
+            raise ConfigError(
+                f"{sources[0]} reads existing samples: it does not go with eval.nfe_sweep or eval.num_shards > 1"
+            )
         if sweep is not None and self.num_shards > 1:
             raise ConfigError("eval.nfe_sweep runs in one job: it does not go with eval.num_shards > 1")
 

@@ -12,19 +12,26 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ddpm.build import build_diffusion, build_optimizer
+from ddpm.config.validation import Validated, at_least, build_settings
 from ddpm.data.device import DeviceBatches, InMemoryImages
 from ddpm.data.loader import TrainingBatches
 from ddpm.data.synthetic import SyntheticImages
-from ddpm.devices import configure_backends, resolve_device
-from ddpm.fast_paths import automatic_precision, memory_format, prepare_diffusion, resolve_precision
-from ddpm.rng import seed_everything
-from ddpm.throughput import (
-    count_flops, device_name, peak_memory_gib, peak_tflops, reset_peak_memory, synchronize, time_calls,
-)  # fmt: skip
-from ddpm.train_settings import TrainSettings
-from ddpm.update import UpdateStep
-from ddpm.validation import Validated, at_least, build_settings
+from ddpm.diffusion.build import build_diffusion
+from ddpm.runtime.devices import configure_backends, resolve_device
+from ddpm.runtime.fast_paths import automatic_precision, memory_format, prepare_diffusion, resolve_precision
+from ddpm.runtime.rng import seed_everything
+from ddpm.runtime.throughput import (
+    count_flops,
+    device_name,
+    peak_memory_gib,
+    peak_tflops,
+    reset_peak_memory,
+    synchronize,
+    time_calls,
+)
+from ddpm.training.optimizer import build_optimizer
+from ddpm.training.settings import TrainSettings
+from ddpm.training.update import UpdateStep
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +66,9 @@ def precisions_to_time(bench: BenchmarkSettings, trained: str, device: torch.dev
     """benchmark.precisions, each checked; or the precision training would use, first, and on a CPU the other of
     fp32/bf16 when bf16 pays there (without bf16 units it is emulated: many times slower, said in the log)."""
     if bench.precisions is not None:
-        return [resolve_precision("benchmark.precisions", precision, device) for precision in bench.precisions] or [trained]
+        return [resolve_precision("benchmark.precisions", precision, device) for precision in bench.precisions] or [
+            trained
+        ]
     if device.type == "cuda":
         return [trained]
     choice, reason = automatic_precision(device)
@@ -94,7 +103,9 @@ def run(cfg: DictConfig) -> dict:
     train_flops = count_flops(lambda: diffusion(x, labels).backward()) / batch
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
-        sample_flops = count_flops(lambda: model(x, torch.zeros(batch, dtype=torch.long, device=device), labels)) / batch
+        sample_flops = (
+            count_flops(lambda: model(x, torch.zeros(batch, dtype=torch.long, device=device), labels)) / batch
+        )
 
     prepare_diffusion(diffusion, fast)
     layout = memory_format(fast)
@@ -111,19 +122,25 @@ def run(cfg: DictConfig) -> dict:
     timed = {}
     reset_peak_memory(device)
     for precision in precisions:
-        update = UpdateStep(diffusion, optimizer, diffusion.update_ema, fast=dataclasses.replace(fast, precision=precision),
-                            device=device, max_grad_norm=settings.max_grad_norm)  # fmt: skip
+        update = UpdateStep(
+            diffusion,
+            optimizer,
+            diffusion.update_ema,
+            fast=dataclasses.replace(fast, precision=precision),
+            device=device,
+            max_grad_norm=settings.max_grad_norm,
+        )
         denoise = diffusion.denoiser(sample_labels, precision=precision)
 
         def train_step() -> None:
             """What the trainer does per step, from a batch already on the device to the EMA update."""
             t, noise = diffusion.training_noise(batch, device, noise_stream)
-            update(x, labels, t, noise.contiguous(memory_format=layout))
+            update(x, labels, t, noise.contiguous(memory_format=layout))  # noqa: B023 (timed in this iteration)
 
         @torch.no_grad()
         def sample_step() -> None:
             """One network evaluation of a sampler (the EMA weights, as sampling uses them)."""
-            denoise(x_sample, t_sample)
+            denoise(x_sample, t_sample)  # noqa: B023 (timed in this iteration)
 
         model.train()
         train_seconds, train_steps = time_calls(train_step, **timing, **warm)
@@ -136,8 +153,12 @@ def run(cfg: DictConfig) -> dict:
             "sample_images_per_s": sample_batch / sample_seconds,
             "sample_steps_timed": sample_steps,
         }
-        log.info("%s: training %.1f images/s, sampling %.1f images/s per network evaluation", precision,
-                 timed[precision]["train_images_per_s"], timed[precision]["sample_images_per_s"])  # fmt: skip
+        log.info(
+            "%s: training %.1f images/s, sampling %.1f images/s per network evaluation",
+            precision,
+            timed[precision]["train_images_per_s"],
+            timed[precision]["sample_images_per_s"],
+        )
     train_memory = peak_memory_gib(device)
 
     main = timed[precisions[0]]
@@ -176,8 +197,15 @@ def run(cfg: DictConfig) -> dict:
     return result
 
 
-def synthetic_batches(bench: BenchmarkSettings, batch: int, shape: tuple[int, int, int], num_classes: int,
-                      on_device: bool, settings: TrainSettings, device: torch.device) -> DeviceBatches | TrainingBatches:  # fmt: skip
+def synthetic_batches(
+    bench: BenchmarkSettings,
+    batch: int,
+    shape: tuple[int, int, int],
+    num_classes: int,
+    on_device: bool,
+    settings: TrainSettings,
+    device: torch.device,
+) -> DeviceBatches | TrainingBatches:
     """Random images through the data path training would take: one tensor on the device, or PIL images
     decoded and transformed in DataLoader workers, as CIFAR-10's are."""
     count = max(batch * 4, 1024)
@@ -186,8 +214,13 @@ def synthetic_batches(bench: BenchmarkSettings, batch: int, shape: tuple[int, in
     labels = torch.randint(0, num_classes, (count,), generator=generator)
     if on_device:
         return DeviceBatches(InMemoryImages(images, labels, random_flip=True), batch, seed=0, device=device)
-    return TrainingBatches(SyntheticImages(images, labels), batch, seed=0, num_workers=settings.data_workers(device),
-                           pin_memory=device.type == "cuda")  # fmt: skip
+    return TrainingBatches(
+        SyntheticImages(images, labels),
+        batch,
+        seed=0,
+        num_workers=settings.data_workers(device),
+        pin_memory=device.type == "cuda",
+    )
 
 
 def format_table(result: dict) -> str:
@@ -198,27 +231,53 @@ def format_table(result: dict) -> str:
 
     rows = [
         ("device", result["device"]),
-        ("fast paths", f"precision={result['precision']} channels_last={result['channels_last']} "
-                       f"compile={result['compile']} fused_optimizer={result['optimizer_fused']} "
-                       f"data_on_device={result['data_on_device']}"),  # fmt: skip
+        (
+            "fast paths",
+            f"precision={result['precision']} channels_last={result['channels_last']} "
+            f"compile={result['compile']} fused_optimizer={result['optimizer_fused']} "
+            f"data_on_device={result['data_on_device']}",
+        ),
         ("model", f"{result['parameters'] / 1e6:.2f}M parameters, batch {result['batch_size']}"),
-        ("training", f"{result['train_images_per_s']:,.1f} images/s ({result['train_step_ms']:.1f} ms/step, "
-                     f"{result['train_steps_timed']} steps timed)"),  # fmt: skip
-        ("training compute", f"{result['train_gflop_per_image']:.2f} GFLOP/image -> "
-                             f"{result['train_tflops']:.3f} TFLOP/s{share(result['train_peak_fraction'])}"),  # fmt: skip
-        ("data", f"{result['data_ms_per_batch']:.2f} ms/batch ({result['data_images_per_s']:,.0f} images/s, "
-                 f"{result['data_source']})"),  # fmt: skip
-        ("sampling", f"{result['sample_images_per_s']:,.1f} images/s per network evaluation "
-                     f"(batch {result['sample_batch_size']})"),  # fmt: skip
-        ("sampling compute", f"{result['sample_gflop_per_image']:.2f} GFLOP/image -> "
-                             f"{result['sample_tflops']:.3f} TFLOP/s{share(result['sample_peak_fraction'])}"),  # fmt: skip
+        (
+            "training",
+            f"{result['train_images_per_s']:,.1f} images/s ({result['train_step_ms']:.1f} ms/step, "
+            f"{result['train_steps_timed']} steps timed)",
+        ),
+        (
+            "training compute",
+            f"{result['train_gflop_per_image']:.2f} GFLOP/image -> "
+            f"{result['train_tflops']:.3f} TFLOP/s{share(result['train_peak_fraction'])}",
+        ),
+        (
+            "data",
+            f"{result['data_ms_per_batch']:.2f} ms/batch ({result['data_images_per_s']:,.0f} images/s, "
+            f"{result['data_source']})",
+        ),
+        (
+            "sampling",
+            f"{result['sample_images_per_s']:,.1f} images/s per network evaluation "
+            f"(batch {result['sample_batch_size']})",
+        ),
+        (
+            "sampling compute",
+            f"{result['sample_gflop_per_image']:.2f} GFLOP/image -> "
+            f"{result['sample_tflops']:.3f} TFLOP/s{share(result['sample_peak_fraction'])}",
+        ),
         ("peak memory", f"{result['peak_memory_gib']:.2f} GiB ({result['peak_memory_kind']})"),
     ]
     if len(result["by_precision"]) > 1:  # one row per precision, side by side
-        rows += [(f"{precision}", f"training {row['train_images_per_s']:,.1f} images/s ({row['train_step_ms']:.0f} ms/step); "
-                                  f"sampling {row['sample_images_per_s']:,.1f} images/s"
-                                  + (f"; {row['train_step_ms'] / result['train_step_ms']:.2f}x the step time of "
-                                     f"{result['precision']}" if precision != result["precision"] else ""))
-                 for precision, row in result["by_precision"].items()]  # fmt: skip
+        rows += [
+            (
+                f"{precision}",
+                f"training {row['train_images_per_s']:,.1f} images/s ({row['train_step_ms']:.0f} ms/step); "
+                f"sampling {row['sample_images_per_s']:,.1f} images/s"
+                + (
+                    f"; {row['train_step_ms'] / result['train_step_ms']:.2f}x the step time of {result['precision']}"
+                    if precision != result["precision"]
+                    else ""
+                ),
+            )
+            for precision, row in result["by_precision"].items()
+        ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

@@ -9,43 +9,37 @@ of a checkpoint's samples against a split of its training data, with the protoco
     python main.py task=evaluate checkpoint=PATH eval.nll=true eval.fid=false  # bits/dim on the test split
 
 Image i is drawn from its own seed (eval.seed, i) and gets class i mod C when the checkpoint is class-conditional
-(ddpm.generation). A shard is a contiguous range of whole batches of eval.batch_size, so the shards of a sharded
+(ddpm.diffusion.generation). A shard is a contiguous range of whole batches of eval.batch_size, so the shards of a sharded
 run hold exactly the images of the unsharded run (on the same kind of device).
 """
 
 import json
 import logging
-import time
 from pathlib import Path
 
-import numpy as np
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate, to_absolute_path
+from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.build import build_sampler, load_diffusion
-from ddpm.data.loader import evaluation_batches
-from ddpm.devices import resolve_device
-from ddpm.diffusion import GaussianDiffusion
-from ddpm.errors import ConfigError
-from ddpm.evaluation.likelihood import test_set_nll
-from ddpm.evaluation.nfe_sweep import CountingSampler, sweep_points, sweep_sampler, write_sweep_table
+from ddpm.config.errors import ConfigError
+from ddpm.config.validation import build_settings
+from ddpm.diffusion.build import build_sampler, load_diffusion
+from ddpm.evaluation.drawing import generate
+from ddpm.evaluation.likelihood import test_split_nll
+from ddpm.evaluation.nfe_sweep import run_nfe_sweep
 from ddpm.evaluation.protocol import (
     drawing_record,
     evaluation_protocol,
     generation_protocol,
-    protocol_lines,
     summary,
 )
 from ddpm.evaluation.reference import reference_statistics
 from ddpm.evaluation.samples import merge_shards, read_samples, save_npz, shard_name
-from ddpm.evaluation.scores import image_metrics
+from ddpm.evaluation.scores import across_seeds, metrics_of
 from ddpm.evaluation.settings import EvalSettings, FidSettings
-from ddpm.fast_paths import prepare_for_sampling
-from ddpm.generation import as_arrays, class_labels, draw_images
-from ddpm.validation import build_settings
+from ddpm.runtime.devices import resolve_device
+from ddpm.runtime.fast_paths import prepare_for_sampling
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +48,9 @@ def check_settings(cfg: DictConfig) -> EvalSettings:
     """Every eval.* value, and a source of samples, before anything slow happens; errors name the key."""
     settings: EvalSettings = build_settings(cfg.eval)
     if not (settings.samples or settings.merge) and not cfg.checkpoint:
-        raise ConfigError("task=evaluate needs checkpoint=PATH (to draw samples), eval.samples=PATH.npz or "
-                          "eval.merge=SHARD_DIR")  # fmt: skip
+        raise ConfigError(
+            "task=evaluate needs checkpoint=PATH (to draw samples), eval.samples=PATH.npz or eval.merge=SHARD_DIR"
+        )
     return settings
 
 
@@ -77,42 +72,6 @@ def training_dataset(cfg: DictConfig, trained: dict | None, source: str) -> Dict
                 f"dataset.{key}={trained.get(key)!r}: pass the training dataset (e.g. dataset=digits) to compare with it"
             )
     return cfg.dataset
-
-
-def generate(diffusion: GaussianDiffusion, sampler, settings: EvalSettings, images: range, device: torch.device, *,
-             seed: int, guidance_scale: float, precision: str) -> dict[str, np.ndarray]:  # fmt: skip
-    """The images with indices `images` (uint8 N x H x W x C) and, when conditional, their classes; every
-    index is drawn, the last partial batch too."""
-    labels = class_labels(settings.num_samples, diffusion.model.num_classes)
-    arrays = as_arrays(draw_images(diffusion, sampler, images=images, batch_size=settings.batch_size, seed=seed,
-                                   device=device, labels=labels, use_ema=settings.use_ema,
-                                   guidance_scale=guidance_scale, precision=precision))  # fmt: skip
-    if len(arrays["arr_0"]) != len(images):
-        raise RuntimeError(f"drew {len(arrays['arr_0'])} images where {len(images)} were asked for")
-    return arrays
-
-
-def metrics_of(images: np.ndarray, settings: EvalSettings, fid: FidSettings, extractor, reference, device) -> dict:
-    return image_metrics(images, extractor, reference, feature_batch_size=fid.batch_size,
-                         is_splits=settings.is_splits, pr_k=settings.pr_k, device=device,
-                         pr_num_samples=settings.pr_num_samples if settings.precision_recall else None,
-                         kid_subsets=settings.kid_subsets if settings.kid else None,
-                         kid_subset_size=settings.kid_subset_size)  # fmt: skip
-
-
-def across_seeds(per_seed: dict[int, dict]) -> dict:
-    """One seed's metrics as they are; several seeds': FID as the minimum (EDM's convention), with the mean
-    and the standard deviation (ddof=1), the other metrics as means, and every seed's metrics."""
-    first = next(iter(per_seed.values()))
-    if len(per_seed) == 1:
-        return dict(first)
-    fids = np.array([metrics["fid"] for metrics in per_seed.values()])
-    result = {key: (float(np.mean([metrics[key] for metrics in per_seed.values()]))
-                    if isinstance(value, float) else value) for key, value in first.items()}  # fmt: skip
-    result.update(fid=float(fids.min()), fid_mean=float(fids.mean()), fid_std=float(fids.std(ddof=1)),
-                  fid_per_seed={str(seed): metrics["fid"] for seed, metrics in per_seed.items()},
-                  per_seed={str(seed): metrics for seed, metrics in per_seed.items()})  # fmt: skip
-    return result
 
 
 def write_json(path: Path, content: dict) -> Path:
@@ -152,30 +111,48 @@ def evaluate(cfg: DictConfig) -> dict:
         arrays, record = merge_shards(settings.merge)
         images, source = arrays["arr_0"], {"merged_from": str(to_absolute_path(settings.merge))}
         save_npz(run_dir / "samples.npz", arrays, record)  # the whole set, as an unsharded run writes it
-        dataset = training_dataset(cfg, record.get("dataset"), f"eval.merge={settings.merge} (from {record.get('checkpoint')})")
+        dataset = training_dataset(
+            cfg, record.get("dataset"), f"eval.merge={settings.merge} (from {record.get('checkpoint')})"
+        )
     elif settings.samples:
         images, record = read_samples(settings.samples)
         source = {"samples": str(to_absolute_path(settings.samples))}
         if record:
-            dataset = training_dataset(cfg, record.get("dataset"),
-                                       f"eval.samples={settings.samples} (from {record.get('checkpoint')})")  # fmt: skip
+            dataset = training_dataset(
+                cfg, record.get("dataset"), f"eval.samples={settings.samples} (from {record.get('checkpoint')})"
+            )
     else:
         diffusion, state = load_diffusion(to_absolute_path(cfg.checkpoint), device, trust=cfg.trust_checkpoint)
         dataset = training_dataset(cfg, state["config"].get("dataset", {}), f"checkpoint={cfg.checkpoint}")
-        nll = likelihood(diffusion, state, dataset, settings, device) if settings.nll else None
+        nll = test_split_nll(diffusion, state, dataset, settings, device) if settings.nll else None
         if not settings.fid:
-            result = {"nll": nll, "protocol": {"checkpoint": str(cfg.checkpoint), "step": state.get("step"),
-                                               "dataset": OmegaConf.to_container(dataset, resolve=True)}}  # fmt: skip
+            result = {
+                "nll": nll,
+                "protocol": {
+                    "checkpoint": str(cfg.checkpoint),
+                    "step": state.get("step"),
+                    "dataset": OmegaConf.to_container(dataset, resolve=True),
+                },
+            }
             write_json(run_dir / "metrics.json", result)
             log.info("-> %s", run_dir / "metrics.json")
             return result
-        precision = prepare_for_sampling(diffusion, device=device, precision=settings.precision,
-                                         compile=settings.compile, key="eval")  # fmt: skip
+        precision = prepare_for_sampling(
+            diffusion, device=device, precision=settings.precision, compile=settings.compile, key="eval"
+        )
         sampler, guidance_scale = build_sampler(cfg.sampler, diffusion.betas)
-        records = {seed: drawing_record(checkpoint=cfg.checkpoint, state=state, sampler_node=cfg.sampler,
-                                        num_timesteps=diffusion.num_timesteps, seed=seed, precision=precision,
-                                        ema_used=settings.use_ema and diffusion.ema is not None)
-                   for seed in settings.seeds_to_draw}  # fmt: skip
+        records = {
+            seed: drawing_record(
+                checkpoint=cfg.checkpoint,
+                state=state,
+                sampler_node=cfg.sampler,
+                num_timesteps=diffusion.num_timesteps,
+                seed=seed,
+                precision=precision,
+                ema_used=settings.use_ema and diffusion.ema is not None,
+            )
+            for seed in settings.seeds_to_draw
+        }
     if settings.num_shards == 1:
         # Before drawing anything: missing Inception weights or data fail in seconds, not after hours of sampling.
         extractor = fid.build_extractor(device)
@@ -184,22 +161,44 @@ def evaluate(cfg: DictConfig) -> dict:
     if images is not None:
         per_seed = {(record or {}).get("seed"): metrics_of(images, settings, fid, extractor, reference, device)}
     elif settings.nfe_sweep is not None:
-        return run_sweep(cfg, settings, fid, diffusion, extractor, reference, device, run_dir, precision, state)
+        result = run_nfe_sweep(cfg, settings, fid, diffusion, extractor, reference, device, run_dir, precision, state)
+        write_json(run_dir / "metrics.json", result)
+        return result
     elif settings.num_shards > 1:  # metrics of a part would mislead: they come from eval.merge
         seed = settings.seeds_to_draw[0]
-        arrays = generate(diffusion, sampler, settings, settings.shard_images(), device, seed=seed,
-                          guidance_scale=guidance_scale, precision=precision)  # fmt: skip
+        arrays = generate(
+            diffusion,
+            sampler,
+            settings,
+            settings.shard_images(),
+            device,
+            seed=seed,
+            guidance_scale=guidance_scale,
+            precision=precision,
+        )
         shard_dir = Path(to_absolute_path(settings.shard_dir)) if settings.shard_dir else default_shard_dir()
-        meta = {**records[seed], "num_samples": settings.num_samples, "batch_size": settings.batch_size,
-                "shard": settings.shard}  # fmt: skip
+        meta = {
+            **records[seed],
+            "num_samples": settings.num_samples,
+            "batch_size": settings.batch_size,
+            "shard": settings.shard,
+        }
         path = save_npz(shard_dir / shard_name(settings.shard, settings.num_shards), arrays, meta)
         log.info("wrote %s (%d images); merge with task=evaluate eval.merge=%s", path, len(arrays["arr_0"]), shard_dir)
         return {"shard": str(path), "count": len(arrays["arr_0"])}
     else:
         per_seed = {}
         for seed in settings.seeds_to_draw:
-            arrays = generate(diffusion, sampler, settings, range(settings.num_samples), device, seed=seed,
-                              guidance_scale=guidance_scale, precision=precision)  # fmt: skip
+            arrays = generate(
+                diffusion,
+                sampler,
+                settings,
+                range(settings.num_samples),
+                device,
+                seed=seed,
+                guidance_scale=guidance_scale,
+                precision=precision,
+            )
             name = "samples.npz" if len(records) == 1 else f"samples_seed{seed}.npz"
             save_npz(run_dir / name, arrays, records[seed])
             per_seed[seed] = metrics_of(arrays["arr_0"], settings, fid, extractor, reference, device)
@@ -216,53 +215,4 @@ def evaluate(cfg: DictConfig) -> dict:
     for line in summary(result):
         log.info(line)
     log.info("-> %s", run_dir / "metrics.json")
-    return result
-
-
-def likelihood(diffusion: GaussianDiffusion, state: dict, dataset: DictConfig, settings: EvalSettings,
-               device: torch.device) -> dict:  # fmt: skip
-    """The variational bound in bits/dim on the test split of the checkpoint's data, logged per term."""
-    test_set = instantiate(dataset, split="test")
-    if test_set is None:
-        raise ConfigError(f"eval.nll=true needs a test split, and dataset {dataset.get('_target_')} has none")
-    use_labels = bool(OmegaConf.select(OmegaConf.create(state["config"]), "trainer.use_labels", default=False))
-    batches = evaluation_batches(test_set, settings.batch_size, num_workers=0)
-    nll = test_set_nll(diffusion, batches, device=device, use_labels=use_labels, timesteps=settings.nll_timesteps,
-                       num_images=settings.nll_num_images, use_ema=settings.use_ema, seed=settings.seed)  # fmt: skip
-    log.info("NLL %.4f bits/dim on %d test images (L_T %.4f + KL %.4f + L_0 %.4f)%s", nll["bits_per_dim"],
-             nll["num_images"], nll["prior_bits_per_dim"], nll["kl_bits_per_dim"], nll["decoder_bits_per_dim"],
-             "" if nll["exact"] else f"; {nll['note']}")  # fmt: skip
-    return nll
-
-
-def run_sweep(cfg: DictConfig, settings: EvalSettings, fid: FidSettings, diffusion: GaussianDiffusion, extractor,
-              reference, device: torch.device, run_dir: Path, precision: str, state: dict) -> dict:  # fmt: skip
-    """Every (sampler, steps) point of the sweep on the same images' seeds: its NFE, sampling time per image
-    and metrics, all under one protocol (recorded with the table)."""
-    images, seed = range(settings.num_samples), settings.seeds_to_draw[0]
-    _, guidance_scale = build_sampler(cfg.sampler)  # guidance, when the sampler node sets it, applies to every point
-    rows = []
-    for name, steps in sweep_points(settings.nfe_samplers, settings.nfe_sweep, diffusion.num_timesteps):
-        sampler = CountingSampler(sweep_sampler(name, steps))
-        started = time.perf_counter()
-        pixels = generate(diffusion, sampler, settings, images, device, seed=seed, guidance_scale=guidance_scale,
-                          precision=precision)["arr_0"]  # fmt: skip
-        seconds_per_image = (time.perf_counter() - started) / len(images)
-        metrics = metrics_of(pixels, settings, fid, extractor, reference, device)
-        nfe = sampler.calls / settings.num_batches  # per image batch: what one image costs
-        rows.append({"sampler": name, "steps": steps or diffusion.num_timesteps, "nfe": int(round(nfe)),
-                     "seconds_per_image": seconds_per_image, **metrics})  # fmt: skip
-        log.info("%s, %s steps: NFE %d, %.3f s per image, FID %.3f", name, rows[-1]["steps"], rows[-1]["nfe"],
-                 seconds_per_image, metrics["fid"])  # fmt: skip
-    files = write_sweep_table(rows, run_dir)
-    record = drawing_record(checkpoint=cfg.checkpoint, state=state, sampler_node={"_target_": "per row"},
-                            num_timesteps=diffusion.num_timesteps, seed=seed, precision=precision,
-                            ema_used=settings.use_ema and diffusion.ema is not None)  # fmt: skip
-    generated = generation_protocol(settings.num_samples, {**record, "sampler": f"per row; guidance {guidance_scale:g}"},
-                                    [seed], {})  # fmt: skip
-    result = {"nfe_sweep": rows, "protocol": evaluation_protocol(extractor, reference, generated),
-              "files": [str(f) for f in files]}  # fmt: skip
-    write_json(run_dir / "metrics.json", result)
-    for line in protocol_lines(result["protocol"]):
-        log.info(line)
     return result

@@ -6,13 +6,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
-from ddpm.schedules import cosine_betas, dns_betas, dnst_betas, linear_betas  # noqa: E402
+from ddpm.diffusion.schedules import cosine_betas, dns_betas, dnst_betas, linear_betas
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,9 @@ def run(cfg: DictConfig) -> dict:
         axes[0].plot(t, alpha_bar, label=name)
         axes[1].plot(t, betas, label=name)
         axes[2].plot(t, torch.log(alpha_bar / (1 - alpha_bar)), label=name)
-    for axis, title in zip(axes, [r"$\bar\alpha_t$", r"$\beta_t$", r"log-SNR $\log(\bar\alpha_t / (1-\bar\alpha_t))$"]):
+    for axis, title in zip(
+        axes, [r"$\bar\alpha_t$", r"$\beta_t$", r"log-SNR $\log(\bar\alpha_t / (1-\bar\alpha_t))$"], strict=True
+    ):
         axis.set_title(title)
         axis.set_xlabel("t")
         axis.grid(alpha=0.3)

@@ -11,16 +11,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.build import build_sampler, load_diffusion
-from ddpm.configs import describe, differences
-from ddpm.devices import resolve_device
-from ddpm.errors import ConfigError
+from ddpm.config.differences import describe, differences
+from ddpm.config.errors import ConfigError
+from ddpm.config.validation import Validated, at_least, build_settings, seed_value
+from ddpm.diffusion.build import build_sampler, load_diffusion
+from ddpm.diffusion.generation import ImageBatch, as_arrays, balanced_labels, draw_images
 from ddpm.evaluation.protocol import drawing_record
 from ddpm.evaluation.samples import save_npz
-from ddpm.fast_paths import prepare_for_sampling
-from ddpm.generation import ImageBatch, as_arrays, balanced_labels, draw_images
-from ddpm.images import save_images, save_sequence_strip
-from ddpm.validation import Validated, at_least, seed_value, build_settings
+from ddpm.io.images import save_images, save_sequence_strip
+from ddpm.runtime.devices import resolve_device
+from ddpm.runtime.fast_paths import prepare_for_sampling
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,9 @@ def chosen_classes(wanted: list[int] | None, num_classes: int | None, checkpoint
         )
     outside = [v for v in wanted if not 0 <= v < num_classes]
     if outside:
-        raise ConfigError(f"sample.labels={list(wanted)}: {outside} not in 0..{num_classes - 1}, the checkpoint's classes")
+        raise ConfigError(
+            f"sample.labels={list(wanted)}: {outside} not in 0..{num_classes - 1}, the checkpoint's classes"
+        )
     return list(wanted)
 
 
@@ -91,7 +93,9 @@ def check_overrides_match(cfg: DictConfig, checkpoint_config: dict, checkpoint: 
 def saved_as_pngs(batches: Iterator[ImageBatch], out_dir: Path, total: int) -> Iterator[ImageBatch]:
     """Passes the batches on, each saved as numbered PNG files first."""
     for batch in batches:
-        save_images(batch.pixels, out_dir, batch.labels.numpy() if batch.labels is not None else None, start=batch.start)
+        save_images(
+            batch.pixels, out_dir, batch.labels.numpy() if batch.labels is not None else None, start=batch.start
+        )
         log.info("%d/%d images", batch.start + len(batch.pixels), total)
         yield batch
 
@@ -105,29 +109,56 @@ def run(cfg: DictConfig) -> dict:
 
     diffusion, state = load_diffusion(to_absolute_path(cfg.checkpoint), device, trust=cfg.trust_checkpoint)
     check_overrides_match(cfg, state["config"], cfg.checkpoint)
-    precision = prepare_for_sampling(diffusion, device=device, precision=settings.precision, compile=settings.compile,
-                                     key="sample")  # fmt: skip
+    precision = prepare_for_sampling(
+        diffusion, device=device, precision=settings.precision, compile=settings.compile, key="sample"
+    )
     classes = chosen_classes(settings.labels, diffusion.model.num_classes, cfg.checkpoint)
     sampler, guidance_scale = build_sampler(cfg.sampler, diffusion.betas)
     labels = balanced_labels(settings.num_images, classes) if classes else None
-    log.info("sampling %d images from %s (step %d, %s weights) into %s", settings.num_images, cfg.checkpoint,
-             state["step"], "EMA" if settings.use_ema and diffusion.ema else "raw", out_dir)  # fmt: skip
+    log.info(
+        "sampling %d images from %s (step %d, %s weights) into %s",
+        settings.num_images,
+        cfg.checkpoint,
+        state["step"],
+        "EMA" if settings.use_ema and diffusion.ema else "raw",
+        out_dir,
+    )
 
-    batches = draw_images(diffusion, sampler, images=range(settings.num_images), batch_size=settings.batch_size,
-                          seed=settings.seed, device=device, labels=labels, use_ema=settings.use_ema,
-                          guidance_scale=guidance_scale, precision=precision)  # fmt: skip
+    batches = draw_images(
+        diffusion,
+        sampler,
+        images=range(settings.num_images),
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        device=device,
+        labels=labels,
+        use_ema=settings.use_ema,
+        guidance_scale=guidance_scale,
+        precision=precision,
+    )
     arrays = as_arrays(saved_as_pngs(batches, out_dir, settings.num_images))
-    record = drawing_record(checkpoint=cfg.checkpoint, state=state, sampler_node=cfg.sampler,
-                            num_timesteps=diffusion.num_timesteps, ema_used=settings.use_ema and diffusion.ema is not None,
-                            seed=settings.seed, precision=precision)  # fmt: skip
+    record = drawing_record(
+        checkpoint=cfg.checkpoint,
+        state=state,
+        sampler_node=cfg.sampler,
+        num_timesteps=diffusion.num_timesteps,
+        ema_used=settings.use_ema and diffusion.ema is not None,
+        seed=settings.seed,
+        precision=precision,
+    )
     npz = save_npz(out_dir / "samples.npz", arrays, record)
     result = {"out_dir": str(out_dir), "npz": str(npz), "shape": list(arrays["arr_0"].shape)}
 
     if settings.sequence:
         count = min(settings.num_images, 8)
         sequence_labels = labels[:count].to(device) if labels is not None else None
-        sequence = diffusion.sample_diffusion_sequence(count, device, sequence_labels, use_ema=settings.use_ema,
-                                                       generator=torch.Generator(device).manual_seed(settings.seed))
+        sequence = diffusion.sample_diffusion_sequence(
+            count,
+            device,
+            sequence_labels,
+            use_ema=settings.use_ema,
+            generator=torch.Generator(device).manual_seed(settings.seed),
+        )
         result["sequence"] = str(save_sequence_strip(sequence, out_dir / "sequence.png", settings.sequence_frames))
     log.info("wrote %s", result)
     return result

@@ -1,0 +1,46 @@
+"""The randomness of a training step that belongs to the batch, not to a rank: timesteps, noise and dropped labels.
+
+They are drawn for the whole global batch from one stream that every rank draws alike, and each rank takes its
+share, so N ranks train like one process with the same batch (and a resumed run draws what the uninterrupted
+one would: the stream's state is in every checkpoint).
+"""
+
+import torch
+
+from ddpm.diffusion.gaussian import GaussianDiffusion
+from ddpm.runtime.distributed import Ranks
+
+
+class GlobalBatchNoise:
+    def __init__(
+        self,
+        diffusion: GaussianDiffusion,
+        *,
+        seed: int,
+        local_batch: int,
+        ranks: Ranks,
+        device: torch.device,
+        label_dropout: float = 0.0,
+        layout: torch.memory_format = torch.contiguous_format,
+    ):
+        self.diffusion, self.device, self.layout = diffusion, device, layout
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self.global_batch = local_batch * ranks.world_size
+        self.share = slice(ranks.rank * local_batch, (ranks.rank + 1) * local_batch)
+        self.label_dropout = label_dropout
+        self.null_label = getattr(diffusion.model, "null_label", None)
+
+    def draw(self, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """This rank's timesteps, noise (in the training layout) and labels, some replaced by the null label
+        for classifier-free guidance."""
+        t, noise = self.diffusion.training_noise(self.global_batch, self.device, self.generator)
+        if labels is not None and self.label_dropout > 0:  # drawn for the global batch too
+            dropped = torch.rand(self.global_batch, device=self.device, generator=self.generator) < self.label_dropout
+            labels = torch.where(dropped[self.share], self.null_label, labels)
+        return t[self.share], noise[self.share].contiguous(memory_format=self.layout), labels
+
+    def get_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state.cpu())

@@ -1,0 +1,40 @@
+"""The optimizer of a training run, built from the `optimizer` node with its hyperparameters checked."""
+
+import math
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ddpm.config.errors import ConfigError
+
+
+def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
+    """The `optimizer` node applied to `params`; bad hyperparameters are reported under their config keys.
+
+    `fused: null` means fused where the optimizer has a fused kernel (Adam, AdamW and SGD do, on CPU and CUDA):
+    one kernel per step, and a non-finite step can be skipped without a host sync.
+    """
+    node = cfg.optimizer
+    fused = node.get("fused")
+    if fused is not None and not isinstance(fused, bool):
+        raise ConfigError(f"optimizer.fused={fused!r} must be true, false or null (fused where available)")
+    for key, positive in (("lr", True), ("eps", False), ("weight_decay", False)):
+        value = node.get(key)
+        number = not isinstance(value, bool) and isinstance(value, (int, float))
+        if value is not None and not (number and math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            raise ConfigError(f"optimizer.{key}={value!r} must be a finite number {'> 0' if positive else '>= 0'}")
+    betas = node.get("betas")
+    if betas is not None and (
+        not OmegaConf.is_list(betas)
+        or len(betas) != 2
+        or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)
+    ):
+        raise ConfigError(f"optimizer.betas={betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if "fused" in node and fused is None:
+        node = OmegaConf.merge(node, {"fused": True})
+    try:
+        return instantiate(node)(params=params)
+    except (TypeError, ValueError) as error:  # whatever else the optimizer's own checks refuse
+        settings = ", ".join(f"optimizer.{k}={v!r}" for k, v in node.items() if not k.startswith("_"))
+        raise ConfigError(f"the optimizer {node._target_} refused its settings ({settings}): {error}") from error
