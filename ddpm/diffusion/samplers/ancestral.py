@@ -65,11 +65,12 @@ def ddpm_ancestral(
         if i + 1 < len(timesteps):
             posterior_variance = beta * (1 - a_s) / (1 - a_t)
             fraction = _step_fraction(variance, prediction)
-            if isinstance(fraction, float):
+            if isinstance(fraction, float) and fraction in (0.0, 1.0):  # exactly beta~ (even where it is 0) or beta
                 std = math.sqrt(beta if fraction == 1.0 else posterior_variance)
             else:  # log-space interpolation; the floor keeps log(0) out where beta~ underflows
                 log_large, log_small = math.log(max(beta, 1e-300)), math.log(max(posterior_variance, 1e-300))
-                std = torch.exp(0.5 * interpolated_log_variance(fraction.to(x.dtype), log_small, log_large))
+                fraction = torch.as_tensor(fraction, dtype=x.dtype, device=x.device)
+                std = torch.exp(0.5 * interpolated_log_variance(fraction, log_small, log_large))
             x = mean + std * gaussian_like(x, generator)
         else:
             x = mean
