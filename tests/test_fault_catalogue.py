@@ -475,7 +475,9 @@ def test_two_runs_in_one_directory_the_second_refuses_naming_the_first(tmp_path,
     try:
         wait_for(run_dir / "checkpoints" / "step_0000002.pt", first)
         hydra_files = {p: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
-        code, output = run_main_in_process(long_run("trainer.seed=1", f"hydra.run.dir={run_dir}"), capfd)
+        # 3 steps: were the lock broken, this run would end in a second, not train for hours, and fail below.
+        second = long_run("trainer.seed=1", "trainer.iterations=3", f"hydra.run.dir={run_dir}")
+        code, output = run_main_in_process(second, capfd)
         [error] = error_lines(output)
         assert code == 1 and f"PID {first.pid}" in error and "in use" in error, output
         assert "Traceback" not in output
@@ -542,7 +544,7 @@ def test_a_killed_data_loading_worker_ends_in_one_line(tmp_path):
             time.sleep(0.01)
         for worker in workers:
             os.kill(worker, signal.SIGKILL)
-        process.wait(timeout=120)
+        process.wait(timeout=30)  # the loader learns of a dead worker at once: a run that goes on is the failure
     finally:
         output = stop(process)
     assert process.returncode == 1, output
