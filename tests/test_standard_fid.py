@@ -106,6 +106,7 @@ def test_preprocessing_and_features_equal_fid_helper_pytorchs_own(inception, dig
     np.testing.assert_allclose(ours, helper_features, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # with the next test: the real Inception over 320 digits (half a minute), and scipy's sqrtm
 def test_fid_equals_fid_helper_pytorchs_pipeline(digit_sets, digit_features):
     """FID of the test digits against the training digits, by the package's API end to end (its features, its
     statistics, its Frechet distance) and by ours: equal to 1e-3 relative (on 32 images each, as singular as
@@ -126,6 +127,7 @@ def test_fid_equals_fid_helper_pytorchs_pipeline(digit_sets, digit_features):
     assert ours == pytest.approx(theirs, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_on_real_digits_fid_orders_real_spoiled_and_noise(digit_features):
     reference = feature_statistics(digit_features["train"])
     fid = {
