@@ -21,6 +21,7 @@ from ddpm.runtime.rng import capture_rng_state, restore_rng_state
 from ddpm.training.loop_state import LoopState
 from ddpm.training.noise_stream import GlobalBatchNoise
 from ddpm.training.nonfinite import NonFinitePolicy
+from ddpm.training.optimizer import match_parameter_layouts
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ class Checkpointer:
             if saved.diffusion.ema is not None and state.get("ema") is not None:
                 saved.diffusion.ema.load_state_dict(state["ema"])
             saved.optimizer.load_state_dict(state["optimizer"])
+            match_parameter_layouts(saved.optimizer)
             for group, lr in zip(saved.optimizer.param_groups, configured_lrs, strict=True):
                 group["lr"] = lr
         except (RuntimeError, ValueError, KeyError, TypeError) as error:
@@ -154,7 +156,7 @@ class Checkpointer:
     def restore_random_streams(self, state: dict[str, Any]) -> None:
         """The noise stream and this rank's torch/NumPy/Python streams; last, since building drew from them."""
         rng = state["rng"]
-        self.saved.noise.set_state(rng["noise"])
+        self.saved.noise.set_state(rng["noise"], step=state["step"])
         if len(rng["ranks"]) == self.ranks.world_size:
             restore_rng_state(rng["ranks"][self.ranks.rank])
         else:

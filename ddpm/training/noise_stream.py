@@ -5,10 +5,14 @@ share, so N ranks train like one process with the same batch (and a resumed run 
 one would: the stream's state is in every checkpoint).
 """
 
+import logging
+
 import torch
 
 from ddpm.diffusion.gaussian import GaussianDiffusion
 from ddpm.runtime.distributed import Ranks
+
+log = logging.getLogger(__name__)
 
 
 class GlobalBatchNoise:
@@ -23,7 +27,7 @@ class GlobalBatchNoise:
         label_dropout: float = 0.0,
         layout: torch.memory_format = torch.contiguous_format,
     ):
-        self.diffusion, self.device, self.layout = diffusion, device, layout
+        self.diffusion, self.device, self.layout, self.seed = diffusion, device, layout, seed
         self.generator = torch.Generator(device).manual_seed(seed)
         self.global_batch = local_batch * ranks.world_size
         self.share = slice(ranks.rank * local_batch, (ranks.rank + 1) * local_batch)
@@ -42,5 +46,24 @@ class GlobalBatchNoise:
     def get_state(self) -> torch.Tensor:
         return self.generator.get_state()
 
-    def set_state(self, state: torch.Tensor) -> None:
+    def set_state(self, state: torch.Tensor, *, step: int) -> None:
+        """Continues the stream of a checkpoint written at `step`. A generator of another device type (a CUDA
+        generator's state is its seed and offset, a CPU one's the whole Mersenne Twister) cannot continue it:
+        the stream is then re-seeded from (seed, step), so the run goes on reproducibly but not bit for bit as
+        the uninterrupted one."""
+        if state.numel() != self.generator.get_state().numel():
+            log.warning(
+                "the checkpoint's noise stream was drawn on another device type than %s: it cannot be continued "
+                "exactly, and is re-seeded from (trainer.seed=%d, step %d)",
+                torch.device(self.device).type,
+                self.seed,
+                step,
+            )
+            self.generator.manual_seed(reseeded(self.seed, step))
+            return
         self.generator.set_state(state.cpu())
+
+
+def reseeded(seed: int, step: int) -> int:
+    """The seed of a noise stream that restarts at `step`: distinct for every (seed, step)."""
+    return (seed << 32) | step

@@ -38,3 +38,17 @@ def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
     except (TypeError, ValueError) as error:  # whatever else the optimizer's own checks refuse
         settings = ", ".join(f"optimizer.{k}={v!r}" for k, v in node.items() if not k.startswith("_"))
         raise ConfigError(f"the optimizer {node._target_} refused its settings ({settings}): {error}") from error
+
+
+def match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Every state tensor of a parameter's shape (Adam's moments) in that parameter's memory layout.
+
+    `Optimizer.load_state_dict` moves state to the parameter's device and dtype but keeps the layout it was
+    saved in, so a run resumed with another `trainer.channels_last` (or on CUDA, where channels_last is the
+    default, from a CPU checkpoint) holds NCHW moments for channels_last weights. The fused kernels assume
+    equal strides: on the CPU they then compute a wrong update without a word, on CUDA they refuse.
+    """
+    for parameter, state in optimizer.state.items():
+        for name, value in state.items():
+            if torch.is_tensor(value) and value.shape == parameter.shape and value.stride() != parameter.stride():
+                state[name] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
