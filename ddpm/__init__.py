@@ -8,6 +8,13 @@ The subpackages, each importing only those before it in this list (README: Layou
 config -> runtime, io, model, data -> diffusion -> evaluation, training -> tasks.
 """
 
+import os
+
+# cuBLAS reads its workspace setting once, at its first call in the process: set before anything can make one,
+# so that a later job of the same process (an in-process sweep, a test session, a notebook) may still ask for
+# deterministic kernels (trainer.deterministic=true). A setting of the user's own stands.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 from ddpm.config.moves import install_moved_module_finder
 from ddpm.diffusion.build import build_diffusion, load_diffusion
 from ddpm.diffusion.gaussian import GaussianDiffusion

@@ -1,7 +1,5 @@
 """Which device a task runs on (`trainer.device`, `sample.device`, ...), and how its kernels are configured."""
 
-import os
-
 import torch
 
 from ddpm.config.errors import ConfigError
@@ -28,10 +26,8 @@ def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
 
 def configure_backends(device: torch.device, deterministic: bool) -> None:
     """TF32 matmuls for the fp32 parts of a step and cuDNN's autotuner; or, with `deterministic`, deterministic
-    kernels only, which is what makes a resumed GPU run bit-identical to an uninterrupted one (cuBLAS needs its
-    workspace setting before CUDA starts). CPU kernels are deterministic already."""
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    kernels only, which is what makes a resumed GPU run bit-identical to an uninterrupted one (cuBLAS's workspace
+    setting for them is made when ddpm is imported: cuBLAS reads it once). CPU kernels are deterministic already."""
     if torch.are_deterministic_algorithms_enabled() != deterministic:  # setting it imports torch._inductor (seconds)
         torch.use_deterministic_algorithms(deterministic)
     if device.type == "cuda":
