@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import PROJECT_ROOT, user_environment
 
 SHOW = "import ddpm, os; print(os.environ['CUBLAS_WORKSPACE_CONFIG'])"
@@ -20,3 +21,46 @@ def test_importing_ddpm_sets_the_cublas_workspace_before_cuda_can_start_unless_t
         [sys.executable, "-c", SHOW], capture_output=True, text=True, env=environment, cwd=PROJECT_ROOT, check=True
     ).stdout.strip()
     assert shown == (users or ":4096:8")
+
+
+def test_the_likelihood_reads_the_device_once_and_sums_every_term_as_the_terms_say(monkeypatch):
+    """bits/dim on two batches with every term: equal to the terms summed by hand (in the same float64), with
+    no host read per term or per batch: a GPU would otherwise sync a thousand times a batch."""
+    from test_training import tiny_diffusion
+
+    from ddpm.diffusion.bound import bound_at, prior_bits
+    from ddpm.evaluation.likelihood import test_set_nll
+
+    torch.manual_seed(0)
+    diffusion = tiny_diffusion(use_labels=False, dropout=0.0)
+    diffusion.betas = diffusion.betas[:6]  # a 6-step schedule: every term is cheap
+    images = torch.rand(5, 1, 16, 16) * 2 - 1
+    batches = [(images[:3], torch.zeros(3)), (images[3:], torch.zeros(2))]
+
+    reads = {"count": 0}
+    for name in ("item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            reads["count"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    result = test_set_nll(diffusion, batches, device=torch.device("cpu"), use_labels=False, progress=False, seed=3)
+    monkeypatch.undo()
+    assert reads["count"] <= 2, reads  # the sums once, at the end
+
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        diffusion.eval()
+        terms = {t: torch.zeros((), dtype=torch.float64) for t in range(6)}
+        prior = torch.zeros((), dtype=torch.float64)
+        for x0, _ in batches:
+            for t in range(6):
+                terms[t] += bound_at(diffusion, x0, t, None, generator=generator).sum().double()
+            prior += prior_bits(diffusion, x0).sum().double()
+    assert result["terms_bits_per_dim"] == [(terms[t] / 5).item() for t in range(6)]
+    assert result["prior_bits_per_dim"] == (prior / 5).item()
+    assert result["bits_per_dim"] == pytest.approx(
+        (prior + sum(terms.values())).item() / 5, rel=1e-6
+    )  # the KL sum is weighted in float32 on the device
