@@ -64,3 +64,24 @@ def test_the_likelihood_reads_the_device_once_and_sums_every_term_as_the_terms_s
     assert result["bits_per_dim"] == pytest.approx(
         (prior + sum(terms.values())).item() / 5, rel=1e-6
     )  # the KL sum is weighted in float32 on the device
+
+
+@pytest.mark.parametrize("task", ["sample", "evaluate"])
+def test_sampling_and_evaluation_configure_the_device_kernels_as_training_does(task, monkeypatch, tmp_path):
+    """TF32 matmuls and cuDNN's autotuner on a GPU: task=sample and task=evaluate never asked for them."""
+    import importlib
+
+    from main_in_process import SAMPLE, run_in_process
+    from test_layout import OLD_CHECKPOINT
+
+    module = importlib.import_module(f"ddpm.tasks.{task}")
+    configured = []
+    monkeypatch.setattr(module, "configure_backends", lambda device, deterministic: configured.append(device))
+    settings = (
+        SAMPLE[2:] if task == "sample" else ["fid=tiny", "eval.device=cpu", "eval.num_samples=10", "eval.batch_size=10"]
+    )
+    extra = [] if task == "sample" else [f"fid.reference_dir={tmp_path / 'stats'}", "eval.pr_num_samples=10"]
+    run_in_process(
+        f"task={task}", "logger=none", f"checkpoint={OLD_CHECKPOINT}", *settings, *extra, f"hydra.run.dir={tmp_path}"
+    )
+    assert configured == [torch.device("cpu")]

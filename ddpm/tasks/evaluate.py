@@ -38,7 +38,7 @@ from ddpm.evaluation.reference import reference_statistics
 from ddpm.evaluation.samples import merge_shards, read_samples, save_npz, shard_name
 from ddpm.evaluation.scores import across_seeds, metrics_of
 from ddpm.evaluation.settings import EvalSettings, FidSettings
-from ddpm.runtime.devices import resolve_device
+from ddpm.runtime.devices import configure_backends, resolve_device
 from ddpm.runtime.fast_paths import prepare_for_sampling
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ def evaluate(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(settings.device, key="eval.device")
+    configure_backends(device, deterministic=False)  # TF32 and cuDNN's autotuner, as training has them
 
     # The source of the samples first: a bad file or checkpoint fails in seconds.
     dataset, images, record, source = cfg.dataset, None, None, {}

@@ -19,7 +19,7 @@ from ddpm.diffusion.generation import ImageBatch, as_arrays, balanced_labels, dr
 from ddpm.evaluation.protocol import drawing_record
 from ddpm.evaluation.samples import save_npz
 from ddpm.io.images import save_images, save_sequence_strip
-from ddpm.runtime.devices import resolve_device
+from ddpm.runtime.devices import configure_backends, resolve_device
 from ddpm.runtime.fast_paths import prepare_for_sampling
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ def run(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     out_dir = Path(to_absolute_path(settings.out_dir)) if settings.out_dir else run_dir / "samples"
     device = resolve_device(settings.device, key="sample.device")
+    configure_backends(device, deterministic=False)  # TF32 and cuDNN's autotuner, as training has them
 
     diffusion, state = load_diffusion(to_absolute_path(cfg.checkpoint), device, trust=cfg.trust_checkpoint)
     check_overrides_match(cfg, state["config"], cfg.checkpoint)
