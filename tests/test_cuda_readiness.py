@@ -85,3 +85,24 @@ def test_sampling_and_evaluation_configure_the_device_kernels_as_training_does(t
         f"task={task}", "logger=none", f"checkpoint={OLD_CHECKPOINT}", *settings, *extra, f"hydra.run.dir={tmp_path}"
     )
     assert configured == [torch.device("cpu")]
+
+
+@pytest.mark.parametrize(
+    "visible, local_rank, expected",
+    [(1, 1, 0), (1, 3, 0), (4, 2, 2), (2, 0, 0), (2, 3, None)],
+    ids=["own-gpu-rank1", "own-gpu-rank3", "node-gpus", "node-gpus-rank0", "too-few-gpus"],
+)
+def test_each_rank_takes_the_gpu_it_can_see(visible, local_rank, expected, monkeypatch):
+    """A task bound to its own GPU sees one, as cuda:0; cuda:LOCAL_RANK there is an invalid ordinal."""
+    from ddpm.config.errors import ConfigError
+    from ddpm.runtime.distributed import Ranks, rank_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    ranks = Ranks(rank=local_rank + 4, world_size=8, local_rank=local_rank)
+    if expected is None:
+        with pytest.raises(ConfigError, match=f"local rank {local_rank} has no GPU of its own: this process sees 2"):
+            rank_device(torch.device("cuda"), ranks)
+    else:
+        assert rank_device(torch.device("cuda"), ranks) == torch.device("cuda", expected)
+    assert rank_device(torch.device("cpu"), ranks) == torch.device("cpu")
+    assert rank_device(torch.device("cuda"), Ranks()) == torch.device("cuda")  # one process: as configured

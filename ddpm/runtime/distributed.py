@@ -66,8 +66,19 @@ def init_distributed(device: torch.device) -> Ranks:
 
 
 def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
-    """One GPU per rank: cuda:LOCAL_RANK; the CPU stays the CPU."""
-    return torch.device("cuda", ranks.local_rank) if device.type == "cuda" and ranks.distributed else device
+    """One GPU per rank: cuda:LOCAL_RANK where the process sees every GPU of its node, cuda:0 where it sees one
+    (SLURM's --gpus-per-task or cgroup-constrained devices give each task its own); the CPU stays the CPU."""
+    if device.type != "cuda" or not ranks.distributed:
+        return device
+    visible = torch.cuda.device_count()
+    if visible == 1:
+        return torch.device("cuda", 0)
+    if ranks.local_rank >= visible:
+        raise ConfigError(
+            f"local rank {ranks.local_rank} has no GPU of its own: this process sees {visible} GPU(s); start one "
+            "task per GPU (hydra.launcher.tasks_per_node = gpus_per_node)"
+        )
+    return torch.device("cuda", ranks.local_rank)
 
 
 def local_batch_size(global_batch: int, ranks: Ranks) -> int:
