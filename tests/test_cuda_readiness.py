@@ -106,3 +106,36 @@ def test_each_rank_takes_the_gpu_it_can_see(visible, local_rank, expected, monke
         assert rank_device(torch.device("cuda"), ranks) == torch.device("cuda", expected)
     assert rank_device(torch.device("cpu"), ranks) == torch.device("cpu")
     assert rank_device(torch.device("cuda"), Ranks()) == torch.device("cuda")  # one process: as configured
+
+
+def test_each_compiling_task_starts_from_a_clean_dynamo_cache(monkeypatch):
+    """Three jobs of an in-process sweep over the width, each compiling its network: every one compiles its own
+    graph. With one shared cache the third exceeded the recompile limit (2 here, 8 by default) and ran eagerly."""
+    import torch._dynamo
+    from torch import nn
+
+    from ddpm.diffusion.gaussian import GaussianDiffusion
+    from ddpm.diffusion.schedules import linear_betas
+    from ddpm.model.unet import UNet
+    from ddpm.runtime.fast_paths import FastPaths, prepare_diffusion
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    compile_module = nn.Module.compile
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **_: compile_module(self, backend="eager"))  # no C++
+    x, t = torch.randn(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)
+    for width in (8, 16, 24):
+        model = UNet(
+            in_channels=1,
+            image_size=8,
+            base_channels=width,
+            channel_mults=(1,),
+            attention_resolutions=(0,),
+            num_res_blocks=1,
+            num_groups=4,
+        )
+        diffusion = GaussianDiffusion(model, linear_betas(100), image_size=8, channels=1)
+        prepare_diffusion(diffusion, FastPaths(compile=True))
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        diffusion.model(x, t, None)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before + 1, f"width {width} ran eagerly"
+    torch._dynamo.reset()

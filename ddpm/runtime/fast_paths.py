@@ -124,7 +124,15 @@ def prepare_network(network: nn.Module, fast: FastPaths) -> nn.Module:
 
 
 def prepare_diffusion(diffusion: nn.Module, fast: FastPaths) -> None:
-    """prepare_network for the trained network and for its EMA copy, the one that samples."""
+    """prepare_network for the trained network and for its EMA copy, the one that samples: once per task.
+
+    Compiling starts from a clean dynamo cache. Every UNet shares one cache, on the code of UNet.forward, with a
+    limit of recompilations: the jobs of an in-process sweep (a local multirun over model.base_channels, a test
+    session, a notebook) would reach it by the second or third job and then run eagerly with only a warning."""
+    if fast.compile:
+        import torch._dynamo  # a second of start-up that only compiling needs
+
+        torch._dynamo.reset()
     prepare_network(diffusion.model, fast)
     if getattr(diffusion, "ema", None) is not None:
         prepare_network(diffusion.ema.module, fast)
