@@ -139,3 +139,26 @@ def test_each_compiling_task_starts_from_a_clean_dynamo_cache(monkeypatch):
         diffusion.model(x, t, None)
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before + 1, f"width {width} ran eagerly"
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-adam", "for-loop-adam"])
+def test_only_a_fused_optimizer_counts_as_skipping_on_the_device_under_fp16_too(fused):
+    """fp16's grad scaler reads found_inf on the host for a for-loop optimizer: such a step syncs, so the loop
+    must check for faults at once rather than trust a skip on the device that does not happen."""
+    from test_training import tiny_diffusion
+
+    from ddpm.runtime.fast_paths import FastPaths
+    from ddpm.training.update import UpdateStep
+
+    diffusion = tiny_diffusion()
+    optimizer = torch.optim.Adam(diffusion.model.parameters(), fused=fused)
+    update = UpdateStep(
+        diffusion,
+        optimizer,
+        diffusion.update_ema,
+        fast=FastPaths(precision="fp16"),
+        device=torch.device("cpu"),
+        max_grad_norm=1.0,
+    )
+    assert update.scaler.is_enabled()
+    assert update.skips_on_device == fused

@@ -11,12 +11,10 @@ from torch import nn
 from ddpm.runtime.fast_paths import FastPaths, autocast, grad_scaler
 
 
-def optimizer_skips_on_device(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> bool:
-    """Whether a non-finite step is skipped on the device, so that no host sync is needed to decide it: fp16's
-    grad scaler does that, and so does an `optimizer.step` that honours a `found_inf` tensor (the fused
-    Adam/AdamW/SGD kernels)."""
-    if scaler is not None and scaler.is_enabled():
-        return True
+def optimizer_skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a non-finite step is skipped on the device, so that no host sync is needed to decide it: an
+    `optimizer.step` that honours a `found_inf` tensor (the fused Adam/AdamW/SGD kernels) does that. fp16's grad
+    scaler skips an overflowing step by itself, but for any other optimizer it reads `found_inf` on the host."""
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
         group.get("fused") for group in optimizer.param_groups
     )
@@ -52,8 +50,9 @@ class UpdateStep:
     """`step(x, labels, t, noise)`: one guarded optimizer step of `loss_module` (called as
     `loss_module(x, labels, t, noise)` -> mean loss) under the chosen precision, then the EMA update.
 
-    With a fused optimizer (or fp16's grad scaler) a non-finite step is skipped on the device, with no host sync;
-    a for-loop optimizer cannot skip there, so its step reads `finite` on the host (one sync per step).
+    With a fused optimizer a non-finite step is skipped on the device, with no host sync; a for-loop optimizer
+    cannot skip there, so its step reads `finite` on the host (or fp16's grad scaler reads its `found_inf`): one
+    sync per step, after which the loop reports a fault at once.
     """
 
     def __init__(
@@ -69,7 +68,7 @@ class UpdateStep:
         self.loss_module, self.optimizer, self.update_ema = loss_module, optimizer, update_ema
         self.precision, self.device, self.max_grad_norm = fast.precision, device, max_grad_norm
         self.scaler = grad_scaler(fast, device)
-        self.skips_on_device = optimizer_skips_on_device(optimizer, self.scaler)
+        self.skips_on_device = optimizer_skips_on_device(optimizer)
         self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
 
     def __call__(
@@ -83,7 +82,7 @@ class UpdateStep:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm, foreach=True)
         # The gradients (so their norm) are the same on every rank, so every rank decides alike.
         finite = torch.isfinite(loss.detach() + grad_norm)
-        if self.skips_on_device:
+        if self.skips_on_device or self.scaler.is_enabled():  # the scaler syncs for a for-loop optimizer
             step_unless_nonfinite(self.optimizer, self.scaler, finite)
         elif bool(finite):  # the one host sync of a for-loop optimizer
             self.optimizer.step()
