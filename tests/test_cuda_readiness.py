@@ -162,3 +162,27 @@ def test_only_a_fused_optimizer_counts_as_skipping_on_the_device_under_fp16_too(
     )
     assert update.scaler.is_enabled()
     assert update.skips_on_device == fused
+
+
+def test_the_held_out_loss_of_a_compiled_network_compiles_nothing(monkeypatch):
+    """The test split's partial last batch made dynamo compile a dynamic graph, and eval mode another one."""
+    import torch._dynamo
+    from test_training import tiny_diffusion
+
+    from ddpm.data.digits import digits
+    from ddpm.training.held_out_loss import HeldOutLoss
+
+    torch.manual_seed(0)
+    diffusion = tiny_diffusion(dropout=0.0)
+    held_out = HeldOutLoss(
+        torch.utils.data.DataLoader(torch.utils.data.Subset(digits(split="test"), range(11)), batch_size=4),
+        device=torch.device("cpu"),
+        use_labels=True,
+        max_batches=0,
+    )
+    eager_loss = held_out(diffusion)
+    torch._dynamo.reset()
+    diffusion.model.compile(backend="eager")
+    assert held_out(diffusion) == eager_loss  # the same number, from the same weights
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+    torch._dynamo.reset()

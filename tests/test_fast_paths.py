@@ -158,8 +158,8 @@ def test_fp16_with_a_grad_scaler_trains(tmp_path):
 
 @pytest.mark.slow
 def test_a_compiled_network_matches_eager_and_is_not_recompiled_per_step(tmp_path):
-    """Compilations are counted at every log: after the first two logs (the training graph, then the test
-    loss's eval-mode graph) the count must stay put however many steps follow."""
+    """Compilations are counted at every log: after the first (the training graph; the test loss runs eagerly)
+    the count must stay put however many steps follow."""
     torch._dynamo.reset()
     counts = []
 

@@ -1,5 +1,7 @@
 """The test loss the loop logs (the loss on held-out images): a function of the weights alone."""
 
+import contextlib
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -19,12 +21,20 @@ class HeldOutLoss:
         was_training = diffusion.training
         diffusion.eval()
         total, count = torch.zeros((), device=self.device), 0
-        for index, (x, y) in enumerate(self.loader):
-            if self.max_batches and index >= self.max_batches:
-                break
-            x = x.to(self.device, non_blocking=True)
-            labels = y.to(self.device, non_blocking=True) if self.use_labels else None
-            total += diffusion.losses(x, labels, generator=generator).sum()
-            count += x.shape[0]
+        with eager():
+            for index, (x, y) in enumerate(self.loader):
+                if self.max_batches and index >= self.max_batches:
+                    break
+                x = x.to(self.device, non_blocking=True)
+                labels = y.to(self.device, non_blocking=True) if self.use_labels else None
+                total += diffusion.losses(x, labels, generator=generator).sum()
+                count += x.shape[0]
         diffusion.train(was_training)
         return total.item() / max(count, 1)
+
+
+def eager() -> contextlib.AbstractContextManager:
+    """A compiled network runs eagerly here: a few forward passes per log do not repay compiling an eval-mode
+    graph and, for the test split's partial last batch, a dynamic one (each a full compile of the network)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
