@@ -210,7 +210,7 @@ class GaussianDiffusion(nn.Module):
         )
 
     def initial_noise(self, num_samples: int, device: torch.device | str, generator: Generators = None) -> torch.Tensor:
-        """x_T ~ N(0, I), the starting point of every sampler (one generator per image, or one for all)."""
+        """x_T ~ N(0, I), the starting point of every sampler (a stream per image, or one for all)."""
         shape = (num_samples, self.channels, self.image_size, self.image_size)
         return gaussian_like(torch.empty(shape, device=device, dtype=self.betas.dtype), generator)
 

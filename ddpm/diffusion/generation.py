@@ -2,7 +2,7 @@
 and FID during training.
 
 Image i draws all of its randomness (its starting noise x_T and every noise a stochastic sampler adds) from a
-generator of its own, seeded with (seed, i). So image i is the same whatever the batch size, the first N images
+noise stream of its own, keyed with (seed, i) (ddpm.diffusion.samplers.ImageNoise: the whole batch in one pass). So image i is the same whatever the batch size, the first N images
 of a 50k run are an N-image run, and a shard's images do not depend on how many shards there are.
 """
 
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ddpm.diffusion.gaussian import GaussianDiffusion
+from ddpm.diffusion.samplers import ImageNoise
 from ddpm.io.images import to_uint8
 
 
@@ -62,14 +63,14 @@ def draw_images(
     index (from 0) when the model is class-conditional."""
     for start in range(images.start, images.stop, batch_size):
         indices = range(start, min(start + batch_size, images.stop))
-        generators = [torch.Generator(device).manual_seed(image_seed(seed, i)) for i in indices]
+        noise = ImageNoise([image_seed(seed, i) for i in indices], device)
         batch_labels = labels[indices.start : indices.stop] if labels is not None else None
         x = diffusion.sample(
             len(indices),
             device,
             batch_labels.to(device) if batch_labels is not None else None,
             use_ema=use_ema,
-            generator=generators,
+            generator=noise,
             sampler=sampler,
             progress=sys.stderr.isatty(),
             guidance_scale=guidance_scale,

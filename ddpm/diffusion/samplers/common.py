@@ -2,16 +2,17 @@
 alpha_bar as floats."""
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ddpm.config.errors import ConfigError
 from ddpm.diffusion import objectives
+from ddpm.diffusion.samplers.image_noise import ImageNoise
 
 Callback = Callable[[dict[str, Any]], None]
-Generators = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per image
+Generators = torch.Generator | ImageNoise | None  # one stream for the batch, or one per image
 
 # The fixed variances as fractions of the way from log beta~_t to log beta_t (see ddpm.diffusion.objectives).
 FIXED_FRACTIONS = {"fixed_large": 1.0, "fixed_small": 0.0}
@@ -19,12 +20,10 @@ SPACINGS = ("uniform", "quadratic")
 
 
 def gaussian_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
-    """N(0, I) noise of x's shape, device and dtype, from one generator or from one generator per image."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    if len(generator) != x.shape[0]:
-        raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]} images")
-    return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generator])
+    """N(0, I) noise of x's shape, device and dtype, from one generator or from a stream per image."""
+    if isinstance(generator, ImageNoise):
+        return generator.normal(x.shape, x.dtype)
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> list[int]:
