@@ -108,6 +108,27 @@ def test_each_rank_takes_the_gpu_it_can_see(visible, local_rank, expected, monke
     assert rank_device(torch.device("cuda"), Ranks()) == torch.device("cuda")  # one process: as configured
 
 
+def test_a_rank_joins_nccl_bound_to_the_gpu_it_can_see(monkeypatch):
+    """set_device and NCCL's device_id name the rank's own GPU (cuda:0 where the task sees one GPU), so that the
+    communicator starts at once on that GPU; set_device(LOCAL_RANK) there was an invalid ordinal."""
+    import torch.distributed as dist
+
+    from ddpm.runtime import distributed
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: calls.append(("init", kwargs)))
+    monkeypatch.setattr(dist, "get_backend", lambda: "nccl")
+    for name, value in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    ranks = distributed.init_distributed(torch.device("cuda"))
+    assert ranks == distributed.Ranks(3, 4, 1)
+    own = torch.device("cuda", 0)
+    assert calls == [("set_device", own), ("init", {"backend": "nccl", "device_id": own})]
+
+
 def test_each_compiling_task_starts_from_a_clean_dynamo_cache(monkeypatch):
     """Three jobs of an in-process sweep over the width, each compiling its network: every one compiles its own
     graph. With one shared cache the third exceeded the recompile limit (2 here, 8 by default) and ran eagerly."""

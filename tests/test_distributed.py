@@ -145,3 +145,67 @@ def test_usr2_to_one_rank_stops_both_ranks_at_the_step_of_the_checkpoint(tmp_pat
     steps = [int(step) for step in re.findall(r"stopped at step (\d+) by SIGUSR2", output)]
     assert len(steps) == 2 and steps[0] == steps[1], output
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == steps[0]
+
+
+def _train_two_ranks(rank: int, init_file: str, norm: str, results: str) -> None:
+    """One rank of test_data_parallel_ranks_keep_equal_buffers: four update steps on this rank's own images."""
+    import torch.distributed as dist
+
+    from ddpm.diffusion.gaussian import GaussianDiffusion
+    from ddpm.diffusion.schedules import linear_betas
+    from ddpm.model.ema import EMA
+    from ddpm.model.unet import UNet
+    from ddpm.runtime.distributed import data_parallel, share_running_statistics
+    from ddpm.runtime.fast_paths import FastPaths
+    from ddpm.training.update import UpdateStep
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)  # the same initial weights on both ranks, as the training task's seed gives
+    model = UNet(
+        in_channels=1,
+        image_size=8,
+        base_channels=8,
+        channel_mults=(1,),
+        attention_resolutions=(0,),
+        num_res_blocks=1,
+        num_groups=4,
+        norm=norm,
+    )
+    diffusion = GaussianDiffusion(model, linear_betas(50), 8, 1, ema=EMA(model, decay=0.9))
+    ranks = Ranks(rank, 2, rank)
+    wrapped = data_parallel(diffusion, CPU, ranks)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    fast = FastPaths()  # fp32, eager
+    step = UpdateStep(wrapped, optimizer, diffusion.update_ema, fast=fast, device=CPU, max_grad_norm=1.0)
+    data = torch.Generator().manual_seed(100 + rank)  # each rank its own share of the batch
+    for _ in range(4):
+        x = torch.randn(4, 1, 8, 8, generator=data)
+        step(x, None, torch.randint(0, 50, (4,), generator=data), torch.randn(x.shape, generator=data))
+    share_running_statistics(diffusion, ranks)
+    tensors = [*diffusion.named_parameters(), *diffusion.named_buffers()]  # the EMA's and the schedule's too
+    state = {name: value.detach().clone() for name, value in tensors}
+    gathered = [None, None] if rank == 0 else None
+    dist.gather_object(state, gathered, dst=0)
+    dist.destroy_process_group()
+    if rank == 0:
+        torch.save({"broadcast_buffers": wrapped.broadcast_buffers, "states": gathered}, results)
+
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("norm", ["gn", "bn"])
+def test_data_parallel_ranks_keep_equal_buffers(tmp_path, norm):
+    """DDP broadcasts buffers before every forward pass only where training changes them (BatchNorm's running
+    statistics); the ranks end with equal weights and buffers, the EMA's and the schedule's included."""
+    results = tmp_path / "results.pt"
+    torch.multiprocessing.spawn(_train_two_ranks, args=(str(tmp_path / "init"), norm, str(results)), nprocs=2)
+    saved = torch.load(results)
+    assert saved["broadcast_buffers"] is (norm == "bn")
+    first, second = saved["states"]
+    assert first.keys() == second.keys() and any("ema" in name for name in first)
+    if norm == "bn":
+        assert any("running_mean" in name for name in first)
+    for name in first:
+        torch.testing.assert_close(second[name], first[name], rtol=0, atol=0, msg=name)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from ddpm.config.errors import ConfigError
 
@@ -46,7 +47,10 @@ def _submitit_num_tasks() -> int:
 def init_distributed(device: torch.device) -> Ranks:
     """Joins the process group when started as one of several ranks; returns this process's ranks.
 
-    NCCL on GPU (one GPU per rank: cuda:LOCAL_RANK), gloo on CPU.
+    NCCL on GPU (one GPU per rank, `rank_device`'s, made current and named to NCCL so that its communicator
+    starts now, bound to that GPU, rather than lazily at the first collective), gloo on CPU. Gloo (also the
+    stop-flag group beside NCCL) finds its interface from the node's hostname: on nodes with several network
+    interfaces, name the one between nodes with GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME).
     """
     if "RANK" not in os.environ and _submitit_num_tasks() > 1:
         from submitit.helpers import TorchDistributedEnvironment
@@ -57,10 +61,13 @@ def init_distributed(device: torch.device) -> Ranks:
         return Ranks()
     ranks = Ranks(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
-            torch.cuda.set_device(ranks.local_rank)
-        dist.init_process_group(backend=backend)
+            own_gpu = rank_device(device, ranks)
+            torch.cuda.set_device(own_gpu)
+            dist.init_process_group(backend="nccl", device_id=own_gpu)
+        else:
+            dist.init_process_group(backend="gloo")
+        backend = dist.get_backend()
         log.info("rank %d of %d (%s, local rank %d)", ranks.rank, world_size, backend, ranks.local_rank)
     return ranks
 
@@ -79,6 +86,39 @@ def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
             "task per GPU (hydra.launcher.tasks_per_node = gpus_per_node)"
         )
     return torch.device("cuda", ranks.local_rank)
+
+
+def running_statistics(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The buffers that training changes (BatchNorm's running mean, variance and batch count): only these differ
+    between ranks that see different data. The rest (the schedule, the EMA's counters, fixed filter taps) are
+    equal on every rank by construction."""
+    return [
+        buffer
+        for layer in module.modules()
+        if getattr(layer, "track_running_stats", False)
+        for buffer in layer.buffers(recurse=False)
+    ]
+
+
+def share_running_statistics(module: torch.nn.Module, ranks: Ranks) -> None:
+    """Every rank takes rank 0's running statistics (the ones its checkpoints hold). DDP does so before each
+    forward pass, after which each rank's own batch moves them again: this makes the replicas equal at the end."""
+    if ranks.distributed:
+        for buffer in running_statistics(module):
+            dist.broadcast(buffer, src=0)
+
+
+def data_parallel(module: torch.nn.Module, device: torch.device, ranks: Ranks) -> torch.nn.Module:
+    """`module` wrapped for data parallelism across the ranks (as it is in one process). DDP broadcasts rank
+    0's buffers before every forward pass unless told not to: only running statistics need it (BatchNorm then
+    normalizes with each rank's own share of the batch, as DDP without SyncBatchNorm does)."""
+    if not ranks.distributed:
+        return module
+    return DistributedDataParallel(
+        module,
+        device_ids=[device] if device.type == "cuda" else None,
+        broadcast_buffers=bool(running_statistics(module)),
+    )
 
 
 def local_batch_size(global_batch: int, ranks: Ranks) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ddpm.io.checkpoint import content_digest
-from ddpm.runtime.distributed import any_rank, barrier, gather_to_main
+from ddpm.runtime.distributed import any_rank, barrier, gather_to_main, share_running_statistics
 from ddpm.training.settings import TrainSettings
 from ddpm.training.setup import TrainingParts
 
@@ -168,6 +168,7 @@ def finish(parts: TrainingParts, settings: TrainSettings, metrics: dict[str, flo
     checkpoint(parts, started)  # a no-op when this step's last.pt is on disk already
     # Data parallelism keeps the replicas equal; say so, from a digest of each rank's weights (and where each
     # rank ran: ranks of a job that spans nodes are on different hosts).
+    share_running_statistics(parts.diffusion, ranks)  # the network's and its EMA's
     digest = content_digest({"model": parts.diffusion.model.state_dict()})
     gathered = gather_to_main((digest, socket.gethostname()), ranks)  # None on ranks above 0
     weight_digests = [rank_digest for rank_digest, _ in gathered] if gathered else None

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ddpm.data.device import DeviceBatches
@@ -16,7 +15,7 @@ from ddpm.data.loader import TrainingBatches
 from ddpm.diffusion.gaussian import GaussianDiffusion
 from ddpm.diffusion.samplers import ddpm_ancestral
 from ddpm.io.loggers import NullLogger
-from ddpm.runtime.distributed import Ranks
+from ddpm.runtime.distributed import Ranks, data_parallel
 from ddpm.runtime.fast_paths import FastPaths, memory_format
 from ddpm.training.checkpointer import Checkpointer, Saved
 from ddpm.training.grids import SampleGrids
@@ -83,13 +82,13 @@ def build_training(
     if settings.eval_rate and ranks.is_main and evaluator is None:
         raise ValueError("trainer.eval_rate > 0 needs an evaluator (a function of the diffusion giving a FID)")
     logger = logger if ranks.is_main and logger is not None else NullLogger()
-    step_module = (
-        DistributedDataParallel(diffusion, device_ids=[device] if device.type == "cuda" else None)
-        if ranks.distributed
-        else diffusion
-    )
     update = UpdateStep(
-        step_module, optimizer, diffusion.update_ema, fast=fast, device=device, max_grad_norm=settings.max_grad_norm
+        data_parallel(diffusion, device, ranks),
+        optimizer,
+        diffusion.update_ema,
+        fast=fast,
+        device=device,
+        max_grad_norm=settings.max_grad_norm,
     )
     noise = GlobalBatchNoise(
         diffusion,
