@@ -192,6 +192,49 @@ def test_a_compiled_network_matches_eager_and_is_not_recompiled_per_step(tmp_pat
         torch.testing.assert_close(tensor, eager[name], rtol=1e-3, atol=2e-4)
 
 
+@pytest.mark.parametrize(
+    "precision, channels_last", [("fp32", False), ("bf16", True)], ids=["fp32-nchw", "bf16-channels-last"]
+)
+def test_a_compiled_training_run_compiles_two_graphs_and_breaks_none(tmp_path, monkeypatch, precision, channels_last):
+    """The graphs of a whole compiled run, counted at every log with dynamo's own counters (the eager backend
+    traces as inductor would, without a C++ compiler): the training step's graph by the first log, the EMA copy's
+    (the sample grid of step 3) by the second, then nothing, and no graph break. The test loss runs eagerly.
+    A change that makes anything recompile (a guard on the step, the lr, a new dtype or layout) fails here."""
+    import torch._dynamo
+    from torch import nn
+
+    from ddpm.runtime.fast_paths import prepare_diffusion
+
+    compile_module = nn.Module.compile
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **_: compile_module(self, backend="eager"))
+    counters = torch._dynamo.utils.counters  # they outlive dynamo's reset: counted from here
+    graphs_before, breaks_before = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    seen = []
+
+    def record(step, metrics):
+        graphs = counters["stats"]["unique_graphs"] - graphs_before
+        seen.append((step, graphs, sum(counters["graph_break"].values()) - breaks_before))
+
+    torch.manual_seed(0)
+    diffusion = tiny_diffusion(dropout=0.0, one_level=True)
+    fast = FastPaths(precision=precision, channels_last=channels_last, compile=True)
+    prepare_diffusion(diffusion, fast)
+    run_loop(
+        tmp_path,
+        diffusion=diffusion,
+        fast=fast,
+        iterations=6,
+        log_rate=2,
+        sample_rate=3,
+        sample_at_end=True,
+        checkpoint_rate=3,
+        on_log=record,
+    )
+    graphs_at_end = counters["stats"]["unique_graphs"] - graphs_before
+    assert seen == [(2, 1, 0), (4, 2, 0), (6, 2, 0)] and graphs_at_end == 2
+    torch._dynamo.reset()
+
+
 def test_the_flop_count_of_the_ddpm_cifar10_network_is_the_known_one():
     """The convolutions of the 35.7M-parameter model at 32x32 cost 12.10 GFLOP per forward pass, the attention
     matmuls at 16x16 another 0.34; training costs 3x the forward pass. Subpixel upsampling does the three
