@@ -356,3 +356,57 @@ def test_a_process_exits_with_a_data_loader_worker_still_alive():
     result = subprocess.run([sys.executable, "-c", LOADER_LEFT_OPEN], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "exiting" in result.stdout, result.stderr
     assert "Traceback" not in result.stderr, result.stderr  # a killed worker is not reported as a failure
+
+
+def write_rgb16_png(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit-per-channel RGB PNG, written chunk by chunk (Pillow writes no such files)."""
+    import struct
+    import zlib
+
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\x00" + pixels[row].astype(">u2").tobytes() for row in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
+
+
+# 16 x 16 levels over the whole range: the 8-bit value of level k is round(k * 255 / 255) = k
+LEVELS = np.arange(256).reshape(16, 16)
+
+
+@pytest.mark.parametrize(
+    "mode, pixels, suffix",
+    [
+        ("I;16", (LEVELS * 257).astype(np.uint16), ".png"),
+        ("I", (LEVELS * 257).astype(np.int32), ".tif"),
+        ("F", (LEVELS / 255).astype(np.float32), ".tif"),
+        ("RGB", None, ".png"),  # 16 bits per channel
+    ],
+)
+def test_high_bit_depth_images_are_scaled_to_8_bits(tmp_path, mode, pixels, suffix):
+    """A 16-bit grey PNG's values went through convert("L") clipped at 255: 96% of such pixels came out white."""
+    path = tmp_path / f"image{suffix}"
+    if pixels is None:
+        write_rgb16_png(path, np.repeat((LEVELS * 257)[..., None], 3, axis=2))
+    else:
+        Image.fromarray(pixels).save(path)
+    assert Image.open(path).mode == mode
+    for channels in (1, 3):
+        image, _ = folder(str(tmp_path), image_size=16, channels=channels, random_flip=False)[0]
+        expected = torch.from_numpy(LEVELS / 127.5 - 1).float().expand(channels, 16, 16)
+        torch.testing.assert_close(image, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "pixels, shown", [(np.full((4, 4), 70000, np.int32), "[70000, 70000]"), (np.full((4, 4), 2.5, np.float32), "[2.5")]
+)
+def test_pixels_outside_their_modes_range_are_refused_naming_the_file(tmp_path, pixels, shown):
+    Image.fromarray(pixels).save(tmp_path / "odd.tif")
+    with pytest.raises(ConfigError, match=rf"odd.tif in dataset.path=.*: its pixels .*{re.escape(shown)}") as caught:
+        folder(str(tmp_path), image_size=4, channels=1)[0]
+    assert "\n" not in str(caught.value)

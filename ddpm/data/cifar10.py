@@ -4,9 +4,9 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from ddpm.data.transforms import to_model_range
-from ddpm.config.type_checks import config_types
 from ddpm.config.errors import ConfigError, DatasetNotFoundError
+from ddpm.config.type_checks import config_types
+from ddpm.data.transforms import to_model_range
 
 ARCHIVE = "cifar-10-python.tar.gz"
 

@@ -44,8 +44,16 @@ class DeviceBatches(ResumableBatches):
     RandomHorizontalFlip draws them under SeededBatches, so both classes give the same batches and resume alike.
     """
 
-    def __init__(self, data: InMemoryImages, batch_size: int, *, seed: int, device: torch.device,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        data: InMemoryImages,
+        batch_size: int,
+        *,
+        seed: int,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         super().__init__(len(data.images), batch_size, seed=seed, rank=rank, world_size=world_size)
         self.device = torch.device(device)
         self.images, self.labels = data.images.to(device), data.labels.to(device)  # copied once, not per batch

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from ddpm.config.type_checks import config_types
 from ddpm.config.errors import ConfigError, DatasetNotFoundError
+from ddpm.config.type_checks import config_types
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -18,8 +18,9 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     package = importlib.util.find_spec("sklearn")
     if package is None or not package.submodule_search_locations:
         raise DatasetNotFoundError("dataset=digits reads scikit-learn's copy of the digits: pip install scikit-learn")
-    table = np.loadtxt(Path(package.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz",
-                       delimiter=",")
+    table = np.loadtxt(
+        Path(package.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz", delimiter=","
+    )
     return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
 
 

@@ -6,9 +6,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from ddpm.data.transforms import to_model_range
-from ddpm.config.type_checks import config_types
 from ddpm.config.errors import ConfigError, DatasetNotFoundError
+from ddpm.config.type_checks import config_types
+from ddpm.data.transforms import to_model_range
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -50,6 +50,8 @@ class FolderImages(Dataset):
                 return self.transform(image), self.labels[index]
         except (UnidentifiedImageError, OSError) as error:
             raise ConfigError(f"{path} in dataset.path={self.root} is not a readable image: {error}") from error
+        except ConfigError as error:  # pixels of no standard range
+            raise ConfigError(f"{path} in dataset.path={self.root}: {error}") from None
 
 
 def _hidden(relative: Path) -> bool:

@@ -64,8 +64,17 @@ class EpochOrder(Sampler):
     own share.
     """
 
-    def __init__(self, num_items: int, batch_size: int, *, seed: int, epoch: int = 0, batch: int = 0,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        *,
+        seed: int,
+        epoch: int = 0,
+        batch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.epoch, self.batch = epoch, batch
         self.rank, self.world_size = rank, world_size
@@ -119,8 +128,15 @@ class ResumableBatches:
 
     def order(self) -> EpochOrder:
         """The (seed, indices) of every batch from the current position on."""
-        return EpochOrder(self.num_items, self.batch_size, seed=self.seed, epoch=self.epoch, batch=self.batch,
-                          rank=self.rank, world_size=self.world_size)
+        return EpochOrder(
+            self.num_items,
+            self.batch_size,
+            seed=self.seed,
+            epoch=self.epoch,
+            batch=self.batch,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
 
     def advance(self) -> None:
         """Counts one batch handed to the loop."""
@@ -135,8 +151,17 @@ class ResumableBatches:
 class TrainingBatches(ResumableBatches):
     """Batches of (images, labels) from a dataset, loaded by DataLoader workers (into pinned memory for a GPU)."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, num_workers: int = 0,
-                 pin_memory: bool = False, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        *,
+        seed: int,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         super().__init__(len(dataset), batch_size, seed=seed, rank=rank, world_size=world_size)
         self.dataset, self.num_workers, self.pin_memory = dataset, num_workers, pin_memory
         self._iterator: Iterator | None = None
@@ -164,7 +189,10 @@ class TrainingBatches(ResumableBatches):
 def evaluation_batches(dataset: Dataset, batch_size: int, *, num_workers: int) -> DataLoader:
     """The test split in a fixed order, so the test loss is comparable from one log to the next."""
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
         generator=torch.Generator().manual_seed(0),  # leaves the global stream alone at every pass
         worker_init_fn=ignore_stop_signals,
     )
