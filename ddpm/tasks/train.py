@@ -27,7 +27,7 @@ from ddpm.runtime.rng import seed_everything
 from ddpm.runtime.run_directory import move_earlier_run_aside, record_run, run_id
 from ddpm.training.loop import train
 from ddpm.training.optimizer import build_optimizer
-from ddpm.training.resume import check_resumable, find_resume_checkpoint
+from ddpm.training.resume import check_resumable, find_resume_checkpoint, finished_run
 from ddpm.training.settings import TrainSettings
 from ddpm.training.setup import build_training
 
@@ -62,14 +62,24 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
     config = OmegaConf.to_container(cfg, resolve=True)
     fast = settings.fast_paths(device)
     configure_backends(device, settings.deterministic)
-    train_set = instantiate(cfg.dataset, split="train")
-    test_set = instantiate(cfg.dataset, split="test")
-    check_model_fits_data(cfg.model, train_set[0][0])
-
     resume_setting = settings.resume if settings.resume in ("auto", "never") else to_absolute_path(settings.resume)
     resume = find_resume_checkpoint(resume_setting, checkpoint_dir, run=run_id(run_dir), trust=cfg.trust_checkpoint)
     if resume:
         check_resumable(*resume, config)
+    finished = resume and resume_setting == "auto" and finished_run(run_dir, resume[1], settings.iterations)
+    if finished:  # the same command again: the results stay as they are
+        log.info(
+            "the run in %s finished at step %d: nothing to do (results in %s; raise trainer.iterations to train "
+            "on, or trainer.resume=never for a new run)",
+            run_dir,
+            finished["steps"],
+            run_dir / "summary.json",
+        )
+        return finished
+
+    train_set = instantiate(cfg.dataset, split="train")
+    test_set = instantiate(cfg.dataset, split="test")
+    check_model_fits_data(cfg.model, train_set[0][0])
 
     seed_everything(settings.seed)  # the same initial weights on every rank
     diffusion = build_diffusion(cfg).to(device)

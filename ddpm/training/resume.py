@@ -1,6 +1,7 @@
 """Which checkpoint a training run continues from (`trainer.resume`), and whether it may continue from it."""
 
 import inspect
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,22 @@ def with_later_options(saved: dict[str, Any], config: dict[str, Any]) -> dict[st
         }
         filled[section] = {**settings, **later}
     return filled
+
+
+def finished_run(run_dir: Path, state: dict[str, Any], iterations: int) -> dict[str, Any] | None:
+    """The summary of the run in run_dir when `state` (its newest checkpoint) is where that run finished and
+    trainer.iterations asks for no more steps: starting the same command again then has nothing to do. A run
+    whose iterations were raised continues (and writes a new summary at its new end)."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # unreadable: the run continues and writes it anew
+    if not isinstance(summary, dict) or summary.get("steps") != state.get("step"):
+        return None  # written before a later resume went on
+    return summary if summary.get("stopped_early") or state["step"] >= iterations else None
 
 
 def check_resumable(path: Path, state: dict[str, Any], config: dict[str, Any]) -> None:
