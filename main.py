@@ -49,7 +49,7 @@ def main(cfg: DictConfig):
     task = hydra.utils.get_method(cfg.task._target_)
     hydra_config = HydraConfig.get()
     job_dir = hydra_config.runtime.output_dir
-    holds_directory = False  # only the process that holds the run directory writes its error line there
+    holds_directory = False  # only the process that holds a sweep job's directory writes its error line there
     try:
         if launch_rank() == 0:  # a no-op for a single run, whose directory was claimed before Hydra wrote there
             claim(job_dir)
@@ -60,7 +60,7 @@ def main(cfg: DictConfig):
         return task(cfg)
     except Exception as error:
         expected = explain(error, num_workers=OmegaConf.select(cfg, "trainer.num_workers"))
-        if holds_directory:
+        if holds_directory and hydra_config.mode == RunMode.MULTIRUN:  # the sweep summary's error column
             record_job_error(job_dir, one_line(expected) if expected else one_line(f"{type(error).__name__}: {error}"))
         if expected is None:
             raise

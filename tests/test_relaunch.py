@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 from main_in_process import RUN, run_main_in_process
@@ -36,3 +37,59 @@ def test_a_finished_run_started_again_is_left_as_it_is_until_its_iterations_are_
     assert code == 0 and "resuming from" in output
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["resumed_from_step"] == 2
+
+
+def test_a_finished_run_is_not_continued_with_other_settings(tmp_path, capfd):
+    run_dir = tmp_path / "run"
+    args = [*RUN, f"hydra.run.dir={run_dir}"]
+    assert run_main_in_process(args, capfd)[0] == 0
+    finished = file_digests(run_dir)
+    code, output = run_main_in_process([*args, "optimizer.lr=0.5"], capfd)
+    assert code == 1 and "Traceback" not in output
+    assert (
+        f"optimizer.lr=0.5, but the run in {run_dir} finished at step 2 with optimizer.lr=0.008 (optimizer.lr:"
+        in output
+    )
+    assert file_digests(run_dir) == finished
+
+
+SWEEP = ["-m", *RUN, "trainer.checkpoint_rate=0"]
+
+
+def test_a_sweep_launched_again_runs_only_its_jobs_without_a_result_and_another_sweep_is_refused(tmp_path, capfd):
+    """A relaunched sweep continued its finished jobs, rewriting their results; a second sweep with other
+    values in the same hydra.sweep.dir continued the first sweep's runs instead of training its own."""
+    sweep = [*SWEEP, f"hydra.sweep.dir={tmp_path}", "schedule=linear,cosine"]
+    assert run_main_in_process(sweep, capfd)[0] == 0
+    first_job = file_digests(tmp_path / "0")
+    rows = (tmp_path / "summary.csv").read_text().splitlines()
+    shutil.rmtree(tmp_path / "1")  # a job that never ran (killed before its first checkpoint)
+
+    code, output = run_main_in_process(sweep, capfd)
+    assert code == 0 and f"the run in {tmp_path / '0'} finished at step 2: nothing to do" in output
+    assert file_digests(tmp_path / "0") == first_job
+    relaunched = (tmp_path / "summary.csv").read_text().splitlines()
+    assert relaunched[:2] == rows[:2] and len(relaunched) == 3 and ",done," in relaunched[2]
+
+    before = {job: file_digests(tmp_path / job) for job in ("0", "1")}
+    code, output = run_main_in_process([*sweep[:-1], "schedule=linear", "optimizer.lr=0.002,0.003"], capfd)
+    assert code == 1 and "Traceback" not in output
+    assert (
+        f"hydra.sweep.dir={tmp_path} holds another sweep (this one has optimizer.lr=0.002,0.003 schedule=linear; "
+        "that one had schedule=linear,cosine): give this sweep its own hydra.sweep.dir" in output
+    )
+    assert {job: file_digests(tmp_path / job) for job in ("0", "1")} == before
+
+
+def test_jobs_that_share_a_directory_do_not_continue_each_others_runs(tmp_path, capfd):
+    """A constant hydra.sweep.subdir merged the jobs: the second continued the first's run as its own."""
+    sweep = [*SWEEP, "optimizer.lr=0.008,0.004", f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=same"]
+    code, output = run_main_in_process(sweep, capfd)
+    assert code == 1 and "Traceback" not in output
+    assert (
+        f"optimizer.lr=0.004, but {tmp_path / 'same'} holds the run of another job (of another sweep, or of this "
+        "one) with optimizer.lr=0.008" in output
+    )
+    assert "hydra.sweep.subdir that differs per job" in output
+    summary = json.loads((tmp_path / "same" / "summary.json").read_text())
+    assert summary["steps"] == 2  # the first job's, as it wrote it

@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from ddpm.config.errors import RunDirectoryInUse, UserError
 from ddpm.config.faults import print_error
 from ddpm.runtime.preflight import check_writable
+from ddpm.runtime.sweep_directory import claim_sweep
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,8 @@ def _refuse(error: UserError) -> None:
 
 class ClaimRunDirectory(Callback):
     """Before Hydra writes its files into the run directory: it can be written, and no other run holds it.
-    A sweep's directory is checked for writing; each job of a sweep claims its own directory when it starts."""
+    A sweep's directory is checked for writing and belongs to one sweep (ddpm.runtime.sweep_directory); each job
+    of a sweep claims its own directory when it starts."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         directory = Path(config.hydra.run.dir)
@@ -164,5 +166,6 @@ class ClaimRunDirectory(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             check_writable(Path(config.hydra.sweep.dir), f"hydra.sweep.dir={config.hydra.sweep.dir}")
+            claim_sweep(Path(config.hydra.sweep.dir), list(config.hydra.overrides.task))
         except UserError as error:
             _refuse(error)

@@ -64,9 +64,9 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
     configure_backends(device, settings.deterministic)
     resume_setting = settings.resume if settings.resume in ("auto", "never") else to_absolute_path(settings.resume)
     resume = find_resume_checkpoint(resume_setting, checkpoint_dir, run=run_id(run_dir), trust=cfg.trust_checkpoint)
-    if resume:
-        check_resumable(*resume, config)
     finished = resume and resume_setting == "auto" and finished_run(run_dir, resume[1], settings.iterations)
+    if resume:
+        check_resumable(*resume, config, refuse_changes=what_may_not_change(run_dir, finished))
     if finished:  # the same command again: the results stay as they are
         log.info(
             "the run in %s finished at step %d: nothing to do (results in %s; raise trainer.iterations to train "
@@ -179,6 +179,25 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
         log.info("objective %s = %s", summary["objective"], summary["objective_value"])
         write_summary(summary, run_dir)
     return summary
+
+
+def what_may_not_change(run_dir: Path, finished: dict | None) -> tuple[str, str] | None:
+    """Where a resumed run's settings may not change (see check_resumable): a finished run, and the run of a
+    sweep's job, which is this sweep's only when its settings are the same (another sweep in the same
+    hydra.sweep.dir, or a constant hydra.sweep.subdir, would otherwise continue other jobs' runs)."""
+    if sweep_job() is not None:
+        return (
+            f"{run_dir} holds the run of another job (of another sweep, or of this one)",
+            "give this sweep its own hydra.sweep.dir (launching the same sweep again continues its jobs) and a "
+            "hydra.sweep.subdir that differs per job",
+        )
+    if finished:
+        return (
+            f"the run in {run_dir} finished at step {finished['steps']}",
+            "start a new run for these settings (trainer.resume=never, or another hydra.run.dir), or raise "
+            "trainer.iterations to continue this one with them",
+        )
+    return None
 
 
 def final_likelihood(diffusion, test_loader, settings: TrainSettings, device: torch.device) -> float | None:

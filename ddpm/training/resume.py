@@ -115,8 +115,12 @@ def finished_run(run_dir: Path, state: dict[str, Any], iterations: int) -> dict[
     return summary if summary.get("stopped_early") or state["step"] >= iterations else None
 
 
-def check_resumable(path: Path, state: dict[str, Any], config: dict[str, Any]) -> None:
-    """Refuses a checkpoint without training state or of another model/data; warns about other changes."""
+def check_resumable(
+    path: Path, state: dict[str, Any], config: dict[str, Any], *, refuse_changes: tuple[str, str] | None = None
+) -> None:
+    """Refuses a checkpoint without training state or of another model/data; warns about other changes, or, with
+    `refuse_changes` = (what holds the checkpoint, what to do instead), refuses those too, trainer.iterations
+    aside (a finished run, or a job of another sweep, is not continued with other settings)."""
     missing = [key for key in TRAINING_STATE if key not in state]
     if missing:
         raise CheckpointError(
@@ -134,6 +138,11 @@ def check_resumable(path: Path, state: dict[str, Any], config: dict[str, Any]) -
             "(trainer.resume=never, or another hydra.run.dir)."
         )
     changed = [c for c in differences(saved, config, CHANGE_THE_RESULT) if c[0] != "trainer.resume"]
+    refused = [c for c in changed if c[0] != "trainer.iterations"] if refuse_changes else []
+    if refused:
+        key, old, new = refused[0]
+        holder, instead = refuse_changes
+        raise ConfigError(f"{key}={new!r}, but {holder} with {key}={old!r} ({describe(refused)}): {instead}")
     if changed:
         log.warning(
             "continuing %s with changed settings (%s): the result will differ from the uninterrupted run",
