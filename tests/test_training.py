@@ -245,6 +245,38 @@ def test_an_interrupted_loop_resumes_bit_identical(tmp_path, fused):
         }, step
 
 
+def test_an_fp16_run_resumes_with_its_loss_scale(tmp_path, monkeypatch):
+    """The grad scaler's scale and growth count are in the checkpoint. Here the scale doubles after every good
+    step, so it reaches overflow (a skipped step, then half the scale) within a few steps: a resumed run that
+    started again from the initial scale skipped other steps than the uninterrupted one."""
+    from ddpm.training import update
+
+    def doubling_scaler(fast, device):
+        return torch.amp.GradScaler(device.type, growth_interval=1, enabled=fast.precision == "fp16")
+
+    monkeypatch.setattr(update, "grad_scaler", doubling_scaler)
+    fast = FastPaths(precision="fp16")
+    uninterrupted, _, _ = run_loop(tmp_path / "a", iterations=10, fast=fast, fused=True)
+    run_loop(tmp_path / "b", iterations=6, fast=fast, fused=True)
+    checkpoint = tmp_path / "b" / "checkpoints" / "step_0000004.pt"
+    assert load_checkpoint(checkpoint)["scaler"]["scale"] != 2.0**16  # it moved in 4 steps
+    resumed, _, _ = run_loop(tmp_path / "b", iterations=10, fast=fast, fused=True, resume_from=checkpoint)
+    for name, tensor in uninterrupted.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["for-loop-to-fused", "fused-to-for-loop"])
+def test_a_run_resumes_with_the_configured_optimizer_kernel(tmp_path, fused):
+    """load_state_dict took the checkpoint's `fused`: a for-loop checkpoint resumed fused failed at its first
+    step (found_inf handed to a for-loop Adam), and a fused one resumed with fused=false stepped fused."""
+    run_loop(tmp_path, iterations=4, fused=not fused)
+    checkpoint = tmp_path / "checkpoints" / "last.pt"
+    _, _, summary = run_loop(tmp_path, iterations=6, fused=fused, resume_from=checkpoint)
+    assert summary["steps"] == 6
+    state = load_checkpoint(checkpoint)
+    assert bool(state["optimizer"]["param_groups"][0].get("fused")) is fused
+
+
 # A for-loop Adam is checked on the host at every step; a fused one skips on the device and is checked at logs.
 ADAM_KINDS = pytest.mark.parametrize("fused", [False, True], ids=["for-loop-adam", "fused-adam"])
 

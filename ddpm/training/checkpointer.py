@@ -21,7 +21,7 @@ from ddpm.runtime.rng import capture_rng_state, restore_rng_state
 from ddpm.training.loop_state import LoopState
 from ddpm.training.noise_stream import GlobalBatchNoise
 from ddpm.training.nonfinite import NonFinitePolicy
-from ddpm.training.optimizer import match_parameter_layouts
+from ddpm.training.optimizer import match_parameter_layouts, with_configured_settings
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class Saved:
     loop: LoopState
     nonfinite: NonFinitePolicy
     logger: Any  # e.g. the wandb run id
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scale and its growth count
 
 
 class Checkpointer:
@@ -93,6 +94,7 @@ class Checkpointer:
             "data": saved.batches.state_dict(),
             "rng": {"noise": saved.noise.get_state(), "ranks": per_rank_rng},
             "logger": saved.logger.state_dict(),
+            "scaler": saved.scaler.state_dict() if saved.scaler is not None and saved.scaler.is_enabled() else None,
         }
         periodic = (self.directory / periodic_name(step),) if self.is_periodic(step) else ()
         try:
@@ -130,22 +132,19 @@ class Checkpointer:
         """Puts weights, EMA, optimizer, data position and loop state back from `state` (read from `path`), on
         every rank. The random streams are the wiring's last step: see restore_random_streams."""
         saved = self.saved
-        # The optimizer's state holds the learning rate of its last step (warmed up or decayed part-way); the loop
-        # schedules from the configured one, so that one is put back.
-        configured_lrs = [group["lr"] for group in saved.optimizer.param_groups]
         try:
             saved.diffusion.model.load_state_dict(state["model"])
             if saved.diffusion.ema is not None and state.get("ema") is not None:
                 saved.diffusion.ema.load_state_dict(state["ema"])
-            saved.optimizer.load_state_dict(state["optimizer"])
+            saved.optimizer.load_state_dict(with_configured_settings(state["optimizer"], saved.optimizer))
             match_parameter_layouts(saved.optimizer)
-            for group, lr in zip(saved.optimizer.param_groups, configured_lrs, strict=True):
-                group["lr"] = lr
         except (RuntimeError, ValueError, KeyError, TypeError) as error:
             reason = next(iter(str(error).splitlines()), type(error).__name__)
             raise CheckpointError(
                 f"trainer.resume={path}: its weights are not those of the model its config describes ({reason})"
             ) from error
+        if saved.scaler is not None and saved.scaler.is_enabled() and state.get("scaler"):
+            saved.scaler.load_state_dict(state["scaler"])  # else the scale starts afresh, as in a new fp16 run
         saved.batches.load_state_dict(state["data"])
         saved.loop.load_state_dict(state["loop"])
         if not self.ranks.is_main:  # the saved running sums are the total over all ranks, kept by rank 0

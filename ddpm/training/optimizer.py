@@ -1,6 +1,7 @@
 """The optimizer of a training run, built from the `optimizer` node with its hyperparameters checked."""
 
 import math
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
@@ -52,3 +53,20 @@ def match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
         for name, value in state.items():
             if torch.is_tensor(value) and value.shape == parameter.shape and value.stride() != parameter.stride():
                 state[name] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
+
+
+def with_configured_settings(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A checkpoint's optimizer state with this run's settings in its parameter groups, which
+    `Optimizer.load_state_dict` would otherwise take from the checkpoint: the configured learning rate (the
+    checkpoint's is that of its last step, warmed up or decayed part-way; the loop schedules from the configured
+    one), the configured hyperparameters (a change was warned about) and the configured kernel, fused or not,
+    which decides where Adam keeps its step count and whether a non-finite step can be skipped on the device (a
+    for-loop checkpoint resumed with a fused optimizer failed at its first step; the reverse kept the
+    checkpoint's kernel)."""
+    if len(saved.get("param_groups", ())) != len(optimizer.param_groups):
+        return saved  # load_state_dict names the mismatch
+    groups = [
+        {**saved_group, **{key: value for key, value in group.items() if key != "params"}}
+        for saved_group, group in zip(saved["param_groups"], optimizer.param_groups, strict=True)
+    ]
+    return {**saved, "param_groups": groups}

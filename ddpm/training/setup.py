@@ -100,7 +100,7 @@ def build_training(
         layout=memory_format(fast),
     )
     loop, nonfinite = LoopState().to(device), NonFinitePolicy(settings.skip_nonfinite, device)
-    saved = Saved(diffusion, optimizer, batches, noise, loop, nonfinite, logger)
+    saved = Saved(diffusion, optimizer, batches, noise, loop, nonfinite, logger, update.scaler)
     checkpoints = Checkpointer(
         run_dir / "checkpoints",
         saved,
