@@ -5,6 +5,10 @@
 import json
 import logging
 import math
+import netrc
+import os
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +17,40 @@ from ddpm.config.errors import ConfigError
 log = logging.getLogger(__name__)
 MODES = ("online", "offline", "disabled")
 METRICS_FILE = "metrics.jsonl"
+
+
+def check_logger(node: Any) -> None:
+    """The logger's settings, before the run loads anything: wandb itself refuses a bad mode only when the run
+    starts, and online without credentials or network fails there after a minute and a half of retries."""
+    if node is None or node.get("_target_") != f"{__name__}.WandbLogger":
+        return
+    mode = node.get("mode", "offline")
+    if mode not in MODES:
+        raise ConfigError(f"logger.mode={mode!r} is not one of {list(MODES)}")
+    if mode != "online":
+        return
+    url = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    instead = "or use logger.mode=offline (no account, no network) and upload later with `wandb sync`"
+    if not os.environ.get("WANDB_API_KEY") and not _netrc_login(host):
+        raise ConfigError(
+            f"logger.mode=online needs a W&B API key for {host}, and none is set (WANDB_API_KEY, or `wandb "
+            f"login`): log in, {instead}"
+        )
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as error:
+        raise ConfigError(
+            f"logger.mode=online cannot reach {url.geturl()} ({error.strerror or error}): {instead}"
+        ) from None
+
+
+def _netrc_login(host: str) -> bool:
+    """Whether ~/.netrc (where `wandb login` keeps the key) has an entry for `host`."""
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 class NullLogger:
@@ -112,8 +150,7 @@ class WandbLogger(LocalLogger):
         group: str | None = None,
         tags: list[str] | None = None,
     ):
-        if mode not in MODES:
-            raise ConfigError(f"logger.mode={mode!r} is not one of {list(MODES)}")
+        check_logger({"_target_": f"{__name__}.WandbLogger", "mode": mode})
         super().__init__(run_dir, config, resume_step, resume_state)
         import wandb  # imported here so that logger=none never pays for it
 

@@ -18,7 +18,7 @@ from ddpm.diffusion.build import build_diffusion, build_sampler, check_model_fit
 from ddpm.evaluation.during_training import FidDuringTraining
 from ddpm.evaluation.likelihood import test_set_nll
 from ddpm.io.checkpoint import remove_temporaries
-from ddpm.io.loggers import sweep_job
+from ddpm.io.loggers import check_logger, sweep_job
 from ddpm.runtime.devices import configure_backends, resolve_device
 from ddpm.runtime.distributed import Ranks, init_distributed, local_batch_size, rank_device, shutdown
 from ddpm.runtime.fast_paths import FastPaths, prepare_diffusion
@@ -51,8 +51,8 @@ def run(cfg: DictConfig) -> float:
 
 
 def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device, ranks: Ranks) -> dict:
-    """YAML -> data -> checkpoint to resume -> diffusion -> optimizer -> fast paths -> sampler -> batches ->
-    preflight, evaluator, an earlier run moved aside, logger (rank 0) -> the loop's parts -> the loop -> summary.json.
+    """YAML -> data -> diffusion -> optimizer -> fast paths -> sampler -> batches -> checkpoint to resume (a
+    finished run ends here) -> the objective's check -> preflight, evaluator, an earlier run moved aside, logger (rank 0) -> the loop's parts -> the loop -> summary.json.
 
     Everything that can be wrong with the config, the data, the checkpoint or the disk is found before the
     first step, and nothing in the run directory is written before that.
@@ -62,21 +62,8 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
     config = OmegaConf.to_container(cfg, resolve=True)
     fast = settings.fast_paths(device)
     configure_backends(device, settings.deterministic)
-    resume_setting = settings.resume if settings.resume in ("auto", "never") else to_absolute_path(settings.resume)
-    resume = find_resume_checkpoint(resume_setting, checkpoint_dir, run=run_id(run_dir), trust=cfg.trust_checkpoint)
-    finished = resume and resume_setting == "auto" and finished_run(run_dir, resume[1], settings.iterations)
-    if resume:
-        check_resumable(*resume, config, refuse_changes=what_may_not_change(run_dir, finished))
-    if finished:  # the same command again: the results stay as they are
-        log.info(
-            "the run in %s finished at step %d: nothing to do (results in %s; raise trainer.iterations to train "
-            "on, or trainer.resume=never for a new run)",
-            run_dir,
-            finished["steps"],
-            run_dir / "summary.json",
-        )
-        return finished
-
+    if ranks.is_main:
+        check_logger(cfg.logger)
     train_set = instantiate(cfg.dataset, split="train")
     test_set = instantiate(cfg.dataset, split="test")
     check_model_fits_data(cfg.model, train_set[0][0])
@@ -105,6 +92,26 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
     test_loader = (
         evaluation_batches(test_set, settings.batch_size, num_workers=workers) if test_set is not None else None
     )
+
+    resume_setting = settings.resume if settings.resume in ("auto", "never") else to_absolute_path(settings.resume)
+    resume = find_resume_checkpoint(resume_setting, checkpoint_dir, run=run_id(run_dir), trust=cfg.trust_checkpoint)
+    finished = resume and resume_setting == "auto" and finished_run(run_dir, resume[1], settings.iterations)
+    if resume:
+        check_resumable(*resume, config, refuse_changes=what_may_not_change(run_dir, finished))
+    if finished:  # the same command again: the results stay as they are
+        log.info(
+            "the run in %s finished at step %d: nothing to do (results in %s; raise trainer.iterations to train "
+            "on, or trainer.resume=never for a new run)",
+            run_dir,
+            finished["steps"],
+            run_dir / "summary.json",
+        )
+        return finished
+    without_objective = settings.check_measurements(
+        start_step=resume[1]["step"] if resume else 0, has_test_split=test_set is not None, in_sweep=bool(sweep_job())
+    )
+    if without_objective and ranks.is_main:
+        log.warning("this run will report no objective: %s", without_objective)
 
     evaluator, logger, identity = None, None, None
     if ranks.is_main:  # rank 0 alone measures FIDs, logs and writes
@@ -174,8 +181,8 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
     if ranks.is_main:
         if settings.nll_at_end:
             summary["nll_bits_per_dim"] = final_likelihood(diffusion, test_loader, settings, device)
-        summary["objective"] = settings.objective_name
-        summary["objective_value"] = summary.get(settings.objective_name)
+        summary["objective"] = settings.resolved_objective(has_test_split=test_set is not None)
+        summary["objective_value"] = summary.get(summary["objective"])
         log.info("objective %s = %s", summary["objective"], summary["objective_value"])
         write_summary(summary, run_dir)
     return summary
@@ -202,9 +209,6 @@ def what_may_not_change(run_dir: Path, finished: dict | None) -> tuple[str, str]
 
 def final_likelihood(diffusion, test_loader, settings: TrainSettings, device: torch.device) -> float | None:
     """trainer.nll_at_end: the bound of the final (EMA) weights on the test split, in bits/dim."""
-    if test_loader is None:
-        log.warning("trainer.nll_at_end=true, but the dataset has no test split: no likelihood")
-        return None
     nll = test_set_nll(
         diffusion, test_loader, device=device, use_labels=settings.use_labels, timesteps=settings.nll_timesteps
     )

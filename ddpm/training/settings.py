@@ -81,13 +81,51 @@ class TrainSettings(Validated):
         if self.early_stop_loss_change > 0 and self.log_rate == 0:
             raise ConfigError("trainer.early_stop_loss_change > 0 compares logged losses: set trainer.log_rate > 0")
 
+    def check_measurements(self, *, start_step: int, has_test_split: bool, in_sweep: bool) -> str | None:
+        """Refuses, before the first step, an objective or end-of-run measurement that this run cannot produce
+        from `start_step` on with its rates, iterations and data (it trained, then reported None). Returns a
+        warning instead where trainer.objective=auto outside a sweep (nobody asked for the value there)."""
+        if self.nll_at_end and not has_test_split:
+            raise ConfigError(
+                "trainer.nll_at_end=true measures the bound on the test split, but the dataset has none: set it false"
+            )
+        name, explicit = self.resolved_objective(has_test_split), self.objective != "auto"
+        key = f"trainer.objective={name}" if explicit else f"trainer.objective=auto ({name})"
+        problem = None
+        if name in ("test_loss", "nll_bits_per_dim") and not has_test_split:
+            problem = f"{key} is measured on the test split, but the dataset has none: choose train_loss"
+        elif name in ("test_loss", "train_loss") and not self._happens(self.log_rate, start_step):
+            problem = (
+                f"{key} is the {name.replace('_', ' ')} at the last log, but no step in {start_step + 1}.."
+                f"{self.iterations} logs (trainer.log_rate={self.log_rate}, trainer.iterations={self.iterations}): "
+                "set trainer.log_rate to divide a step in that range"
+            )
+        elif name == "best_fid" and not self._happens(self.eval_rate, 0):
+            problem = (
+                f"{key} is the best FID during training, but no step up to trainer.iterations={self.iterations} "
+                f"measures one (trainer.eval_rate={self.eval_rate}): set trainer.eval_rate <= trainer.iterations"
+            )
+        if problem and (explicit or in_sweep):
+            raise ConfigError(problem)
+        return problem
+
+    def _happens(self, rate: int, after: int) -> bool:
+        """Whether some step in after+1..iterations is a multiple of `rate` (0 = never)."""
+        return rate > 0 and self.iterations // rate > after // rate
+
     @property
     def objective_name(self) -> str:
+        """trainer.objective, with auto resolved for a dataset with a test split."""
+        return self.resolved_objective(has_test_split=True)
+
+    def resolved_objective(self, has_test_split: bool) -> str:
         """trainer.objective, with auto resolved: the best FID when FID is measured during training, else the
-        final test loss."""
+        final test loss, or the train loss where the dataset has no test split."""
         if self.objective != "auto":
             return self.objective
-        return "best_fid" if self.eval_rate > 0 else "test_loss"
+        if self.eval_rate > 0:
+            return "best_fid"
+        return "test_loss" if has_test_split else "train_loss"
 
     @property
     def max_grad_norm(self) -> float:
