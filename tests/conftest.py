@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,14 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "cond_run": train_tiny_run(tmp_path_factory.mktemp("cond_run")),
         "uncond_run": train_tiny_run(tmp_path_factory.mktemp("uncond_run"), "trainer.use_labels=false"),
     }
+
+
+@pytest.fixture(scope="module")
+def files(runs, tmp_path_factory) -> Iterator[dict[str, Path]]:
+    """Every bad file and folder a fault catalogue's case may name (tests/fault_files.py)."""
+    from fault_files import fault_files
+
+    yield from fault_files(runs, tmp_path_factory.mktemp("faults"))
 
 
 @pytest.fixture

@@ -1,0 +1,127 @@
+"""The faults a hostile probe found after the fault catalogue: each command ends in one line (exit status 1, no
+traceback) before any compute, and the existing runs' checkpoints stay byte for byte as they were.
+
+The cases run as tests/test_fault_catalogue.py runs its own: `python main.py ...` in this process, with the
+catalogue's files; a case that starts a new run names a run directory of its own.
+"""
+
+import pytest
+from main_in_process import RUN, checkpoint_files, command, run_main_in_process
+from PIL import Image
+from test_fault_catalogue import case, error_lines
+
+NEW_RUN = "hydra.run.dir={tmp}/probe_run"
+FOLDER = ["dataset=folder", "dataset.path={grey_folder}", "dataset.image_size=8", "dataset.channels=1"]
+FOLDER_RUN = [*FOLDER, "trainer.use_labels=false", "trainer.batch_size=2", NEW_RUN]
+
+PROBES = [
+    # Objectives and end-of-run measurements that this run cannot produce.
+    case(
+        "objective",
+        RUN,
+        ["trainer.objective=test_loss", "trainer.iterations=3", "trainer.log_rate=5", NEW_RUN],
+        "trainer.objective=test_loss is the test loss at the last log, but no step in 1..3 logs",
+        "trainer.log_rate=5",
+        id="test-loss-without-a-log",
+    ),
+    case(
+        "objective",
+        RUN,
+        ["trainer.objective=train_loss", "trainer.log_rate=0", NEW_RUN],
+        "trainer.objective=train_loss is the train loss at the last log, but no step in 1..2 logs",
+        id="train-loss-logging-off",
+    ),
+    case(
+        "objective",
+        RUN,
+        ["trainer.objective=best_fid", "trainer.eval_rate=10", "trainer.iterations=3", "fid=tiny", NEW_RUN],
+        "trainer.objective=best_fid is the best FID during training, but no step up to trainer.iterations=3",
+        "trainer.eval_rate=10",
+        id="best-fid-after-the-end",
+    ),
+    case(
+        "objective",
+        RUN,
+        ["trainer.objective=test_loss", *FOLDER_RUN],
+        "trainer.objective=test_loss is measured on the test split, but the dataset has none",
+        id="test-loss-of-a-folder",
+    ),
+    case(
+        "objective",
+        RUN,
+        ["trainer.objective=nll_bits_per_dim", "trainer.nll_at_end=true", *FOLDER_RUN],
+        "trainer.nll_at_end=true measures the bound on the test split, but the dataset has none",
+        id="nll-of-a-folder",
+    ),
+    case(
+        "objective",
+        RUN,
+        ["trainer.objective=train_loss", "trainer.nll_at_end=true", *FOLDER_RUN],
+        "trainer.nll_at_end=true measures the bound on the test split",
+        id="nll-at-end-of-a-folder",
+    ),
+    case(
+        "objective",
+        RUN,
+        ["trainer.objective=test_loss", "trainer.iterations=3"],
+        "no step in 3..3 logs (trainer.log_rate=2, trainer.iterations=3)",
+        id="resumed-without-a-log-left",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def probe_files(files):
+    """The catalogue's files, and a folder of grey images (a dataset without a test split)."""
+    folder = files["tmp"] / "grey_folder"
+    folder.mkdir(exist_ok=True)
+    for index in range(4):
+        Image.new("L", (8, 8), color=index * 60).save(folder / f"{index}.png")
+    return {**files, "grey_folder": folder}
+
+
+@pytest.mark.parametrize("base, overrides, expected", PROBES)
+def test_a_probe_fault_ends_in_one_line_before_the_compute(base, overrides, expected, runs, probe_files, capfd):
+    run_dir = runs["cond_run"]
+    args = command([*base, f"hydra.run.dir={run_dir}"], overrides, probe_files)
+    before = checkpoint_files(runs)
+
+    code, output = run_main_in_process(args, capfd)
+
+    shown = f"python main.py {' '.join(args)}\n--- exit status {code}, output:\n{output}"
+    assert code == 1, f"expected exit status 1:\n{shown}"
+    errors = error_lines(output)
+    assert len(errors) == 1, f"expected exactly one error line:\n{shown}"
+    for text in expected:
+        assert text.format(**probe_files) in errors[0], f"expected {text!r} in the error line:\n{shown}"
+    assert "Traceback" not in output and "training:" not in output, f"a traceback or a step:\n{shown}"
+    assert checkpoint_files(runs) == before, f"the existing checkpoints were changed:\n{shown}"
+    assert not (probe_files["tmp"] / "probe_run" / "checkpoints").exists(), f"a new run wrote:\n{shown}"
+
+
+def test_auto_objective_warns_outside_a_sweep_and_means_the_train_loss_without_a_test_split(probe_files, capfd):
+    run_dir = probe_files["tmp"] / "auto_folder_run"
+    args = command(RUN, [*FOLDER_RUN, f"hydra.run.dir={run_dir}", "trainer.log_rate=3"], probe_files)
+    code, output = run_main_in_process(args, capfd)
+    assert code == 0, output
+    assert "this run will report no objective: trainer.objective=auto (train_loss) is the train loss" in output
+
+
+@pytest.mark.parametrize("reachable", [False, True], ids=["no-api-key", "server-unreachable"])
+def test_wandb_online_is_checked_before_the_data_loads(reachable, runs, probe_files, capfd, monkeypatch, tmp_path):
+    """wandb online without a key, or without a server it can reach, failed after the data had loaded (with a
+    key, after a minute and a half of retries). The server here is a closed port on the loopback interface."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    if reachable:
+        monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+        monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    args = command(RUN, ["logger=wandb", "logger.mode=online", f"hydra.run.dir={tmp_path / 'run'}"], probe_files)
+    code, output = run_main_in_process(args, capfd)
+    [error] = error_lines(output)
+    assert code == 1 and "Traceback" not in output
+    if reachable:
+        assert "logger.mode=online cannot reach http://127.0.0.1:9 (" in error
+    else:
+        assert "logger.mode=online needs a W&B API key for api.wandb.ai, and none is set" in error
+    assert "logger.mode=offline" in error and not (tmp_path / "run" / "wandb").exists()
