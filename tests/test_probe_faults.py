@@ -6,9 +6,9 @@ catalogue's files; a case that starts a new run names a run directory of its own
 """
 
 import pytest
-from main_in_process import RUN, checkpoint_files, command, run_main_in_process
+from main_in_process import RUN, SAMPLE, checkpoint_files, command, run_main_in_process
 from PIL import Image
-from test_fault_catalogue import case, error_lines
+from test_fault_catalogue import EVALUATE, case, error_lines
 
 NEW_RUN = "hydra.run.dir={tmp}/probe_run"
 FOLDER = ["dataset=folder", "dataset.path={grey_folder}", "dataset.image_size=8", "dataset.channels=1"]
@@ -67,6 +67,37 @@ PROBES = [
         "no step in 3..3 logs (trainer.log_rate=2, trainer.iterations=3)",
         id="resumed-without-a-log-left",
     ),
+    # Overrides of what the checkpoint defines, which a task that builds its model from it would ignore.
+    case(
+        "ignored",
+        EVALUATE,
+        ["checkpoint={cond}", "diffusion.prediction=v"],
+        "diffusion.prediction='v' was given, but checkpoint={cond} holds a model with diffusion.prediction='eps'",
+        "task=evaluate builds the model from the checkpoint: drop diffusion.prediction=v",
+        id="evaluate-prediction",
+    ),
+    case(
+        "ignored",
+        EVALUATE,
+        ["checkpoint={cond}", "schedule=cosine"],
+        "but checkpoint={cond} holds a model with schedule.",
+        "drop schedule=cosine",
+        id="evaluate-schedule",
+    ),
+    case(
+        "ignored",
+        EVALUATE,
+        ["checkpoint={cond}", "trainer.use_labels=false"],
+        "trainer.use_labels=False was given, but checkpoint={cond} holds a model with trainer.use_labels=True",
+        id="evaluate-labels",
+    ),
+    case(
+        "ignored",
+        SAMPLE,
+        ["checkpoint={cond}", "trainer.use_labels=false"],
+        "task=sample builds the model from the checkpoint: drop trainer.use_labels=false",
+        id="sample-labels",
+    ),
 ]
 
 
@@ -82,7 +113,7 @@ def probe_files(files):
 
 @pytest.mark.parametrize("base, overrides, expected", PROBES)
 def test_a_probe_fault_ends_in_one_line_before_the_compute(base, overrides, expected, runs, probe_files, capfd):
-    run_dir = runs["cond_run"]
+    run_dir = runs["cond_run"] if base is RUN else probe_files["tmp"] / "probe_task"
     args = command([*base, f"hydra.run.dir={run_dir}"], overrides, probe_files)
     before = checkpoint_files(runs)
 

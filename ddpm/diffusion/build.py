@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ddpm.config.differences import describe, differences
 from ddpm.config.errors import CheckpointError, ConfigError
 from ddpm.config.validation import READ_BY_THE_BUILDER, check_keys
 from ddpm.diffusion import objectives
@@ -111,3 +113,32 @@ def load_diffusion(
             f"checkpoint={path}: its weights are not those of the model its config describes ({first_line})"
         ) from error
     return diffusion.to(device).eval(), state
+
+
+# What a checkpoint fixes about its model: the network, the noise schedule, the objective, and whether it takes
+# class labels.
+CHECKPOINT_DEFINES = ("model", "schedule", "diffusion", "trainer.use_labels")
+
+
+def check_overrides_match(cfg: DictConfig, checkpoint_config: dict, checkpoint: str, *, task: str) -> None:
+    """A task that builds its model from a checkpoint's config (task=sample, task=evaluate) refuses a
+    command-line override of what the checkpoint defines that differs from it, rather than ignore it."""
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    requested = OmegaConf.to_container(cfg, resolve=True)
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~").split("@")[0]
+        for defined in CHECKPOINT_DEFINES:
+            if not (key == defined or key.startswith(defined + ".") or defined.startswith(key + ".")):
+                continue
+            prefix = max(key, defined, key=len)  # the part of the override that the checkpoint defines
+            changes = [
+                change
+                for change in differences(checkpoint_config, requested, (prefix.split(".")[0],))
+                if change[0] == prefix or change[0].startswith(prefix + ".")
+            ]
+            if changes:
+                name, old, new = changes[0]
+                raise ConfigError(
+                    f"{name}={new!r} was given, but checkpoint={checkpoint} holds a model with {name}={old!r} "
+                    f"({describe(changes)}). task={task} builds the model from the checkpoint: drop {override}."
+                )

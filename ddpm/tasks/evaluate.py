@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpm.config.errors import ConfigError
 from ddpm.config.validation import build_settings
-from ddpm.diffusion.build import build_sampler, load_diffusion
+from ddpm.diffusion.build import build_sampler, check_overrides_match, load_diffusion
 from ddpm.evaluation.drawing import generate
 from ddpm.evaluation.likelihood import test_split_nll
 from ddpm.evaluation.nfe_sweep import run_nfe_sweep
@@ -124,6 +124,7 @@ def evaluate(cfg: DictConfig) -> dict:
             )
     else:
         diffusion, state = load_diffusion(to_absolute_path(cfg.checkpoint), device, trust=cfg.trust_checkpoint)
+        check_overrides_match(cfg, state["config"], cfg.checkpoint, task="evaluate")
         dataset = training_dataset(cfg, state["config"].get("dataset", {}), f"checkpoint={cfg.checkpoint}")
         nll = test_split_nll(diffusion, state, dataset, settings, device) if settings.nll else None
         if not settings.fid:

@@ -9,12 +9,11 @@ from typing import ClassVar
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ddpm.config.differences import describe, differences
 from ddpm.config.errors import ConfigError
 from ddpm.config.validation import Validated, at_least, build_settings, seed_value
-from ddpm.diffusion.build import build_sampler, load_diffusion
+from ddpm.diffusion.build import build_sampler, check_overrides_match, load_diffusion
 from ddpm.diffusion.generation import ImageBatch, as_arrays, balanced_labels, draw_images
 from ddpm.evaluation.protocol import drawing_record
 from ddpm.evaluation.samples import save_npz
@@ -71,25 +70,6 @@ def chosen_classes(wanted: list[int] | None, num_classes: int | None, checkpoint
     return list(wanted)
 
 
-def check_overrides_match(cfg: DictConfig, checkpoint_config: dict, checkpoint: str) -> None:
-    """task=sample builds the network from the checkpoint's config; a model/schedule/diffusion given on the
-    command line that differs from it is an error, not something to ignore silently."""
-    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-    requested = OmegaConf.to_container(cfg, resolve=True)
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        section = key.split(".")[0].split("@")[0]
-        if section not in ("model", "schedule", "diffusion"):
-            continue
-        changes = [c for c in differences(checkpoint_config, requested, (section,)) if c[0].startswith(key)]
-        if changes:
-            name, old, new = changes[0]
-            raise ConfigError(
-                f"{name}={new!r} was given, but checkpoint={checkpoint} holds a model with {name}={old!r} "
-                f"({describe(changes)}). task=sample builds the model from the checkpoint: drop {override}."
-            )
-
-
 def saved_as_pngs(batches: Iterator[ImageBatch], out_dir: Path, total: int) -> Iterator[ImageBatch]:
     """Passes the batches on, each saved as numbered PNG files first."""
     for batch in batches:
@@ -109,7 +89,7 @@ def run(cfg: DictConfig) -> dict:
     configure_backends(device, deterministic=False)  # TF32 and cuDNN's autotuner, as training has them
 
     diffusion, state = load_diffusion(to_absolute_path(cfg.checkpoint), device, trust=cfg.trust_checkpoint)
-    check_overrides_match(cfg, state["config"], cfg.checkpoint)
+    check_overrides_match(cfg, state["config"], cfg.checkpoint, task="sample")
     precision = prepare_for_sampling(
         diffusion, device=device, precision=settings.precision, compile=settings.compile, key="sample"
     )
