@@ -98,6 +98,29 @@ PROBES = [
         "task=sample builds the model from the checkpoint: drop trainer.use_labels=false",
         id="sample-labels",
     ),
+    # Settings that would do nothing in the configuration given.
+    case(
+        "ignored",
+        EVALUATE,
+        ["checkpoint={cond}", "eval.fid=false", "eval.nll=true", "eval.seeds=[0,1]"],
+        "eval.seeds=[0, 1] are the seeds of the images drawn for FID, but eval.fid=false draws none",
+        id="evaluate-seeds-without-fid",
+    ),
+    case(
+        "ignored",
+        EVALUATE,
+        ["checkpoint={cond}", "eval.fid=false", "eval.nll=true", "eval.nll_timesteps=500"],
+        "eval.nll_timesteps=500 is more than the 49 KL terms of the checkpoint's schedule",
+        id="evaluate-nll-timesteps-above-t",
+    ),
+    case(
+        "ignored",
+        EVALUATE,
+        ["checkpoint={cond}", "eval.fid=false", "eval.nll=true", "eval.nll_num_images=100000"],
+        "eval.nll_num_images=100000 is more than the",
+        "images of the test split",
+        id="evaluate-nll-images-above-the-split",
+    ),
 ]
 
 
@@ -156,3 +179,12 @@ def test_wandb_online_is_checked_before_the_data_loads(reachable, runs, probe_fi
     else:
         assert "logger.mode=online needs a W&B API key for api.wandb.ai, and none is set" in error
     assert "logger.mode=offline" in error and not (tmp_path / "run" / "wandb").exists()
+
+
+def test_a_warmup_longer_than_the_run_is_warned_about_before_the_first_step(probe_files, capfd):
+    run_dir = probe_files["tmp"] / "long_warmup_run"
+    args = command(RUN, ["trainer.warmup=8", f"hydra.run.dir={run_dir}"], probe_files)
+    code, output = run_main_in_process(args, capfd)
+    assert code == 0, output
+    warning = "trainer.warmup=8 is more than trainer.iterations=2: the learning rate never reaches optimizer.lr"
+    assert warning in output and output.index(warning) < output.index("step 2/2")

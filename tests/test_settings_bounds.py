@@ -64,7 +64,7 @@ RULES: dict[str, dict[str, Any]] = {
     "fid.reference_split": {"choices": ("train", "test")},
     "fid.reference_num_images": {"minimum": 2},
     "fid.reference_pr_images": {"minimum": 1},
-    "eval.num_samples": {"minimum": 1},
+    "eval.num_samples": {"minimum": 2},
     "eval.batch_size": {"minimum": 1},
     "eval.seed": {"minimum": 0, "maximum": SEED_MAXIMUM},
     "eval.is_splits": {"minimum": 1},
@@ -229,16 +229,14 @@ def companions(key: str, value: Any) -> dict[str, Any]:
         return {"eval_rate": 1}  # stopping on the FID compares FIDs measured during training
     if key == "trainer.label_dropout" and value > 0:
         return {"use_labels": True}  # labels are dropped only where there are labels
+    if key == "eval.num_samples" and isinstance(value, int):
+        return {"is_splits": max(1, min(value, 10))}  # the Inception Score splits the samples into is_splits
     return {}
 
 
 # Values on a declared bound that check() refuses whatever the other settings: (the most lenient other settings,
-# what check() says). eval.num_samples declares a minimum of 1, but check() needs 2 images at least (and
-# eval.is_splits at least) for the statistics of a sample; so for 1 the declared rule alone is checked to accept
-# it, and check() to refuse it even with eval.is_splits=1.
-REFUSED_BY_CHECK = {
-    ("eval.num_samples", 1): ({"is_splits": 1}, "eval.num_samples=1 must be >= eval.is_splits=1 (and >= 2)")
-}
+# what check() says). None now: eval.num_samples declares the minimum of 2 that check() needs.
+REFUSED_BY_CHECK: dict = {}
 
 
 def build(key: str, value: Any, **others: Any) -> Validated:

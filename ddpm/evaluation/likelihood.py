@@ -116,6 +116,17 @@ def test_split_nll(
     test_set = instantiate(dataset, split="test")
     if test_set is None:
         raise ConfigError(f"eval.nll=true needs a test split, and dataset {dataset.get('_target_')} has none")
+    terms = diffusion.num_timesteps - 1
+    if settings.nll_timesteps is not None and settings.nll_timesteps > terms:
+        raise ConfigError(
+            f"eval.nll_timesteps={settings.nll_timesteps} is more than the {terms} KL terms of the checkpoint's "
+            "schedule: at most that many, or null for all of them (the exact bound)"
+        )
+    if settings.nll_num_images is not None and settings.nll_num_images > len(test_set):
+        raise ConfigError(
+            f"eval.nll_num_images={settings.nll_num_images} is more than the {len(test_set)} images of the test "
+            "split: at most that many, or null for all of them"
+        )
     use_labels = bool(OmegaConf.select(OmegaConf.create(state["config"]), "trainer.use_labels", default=False))
     batches = evaluation_batches(test_set, settings.batch_size, num_workers=0)
     nll = test_set_nll(

@@ -44,7 +44,7 @@ class FidSettings(Validated):
 class EvalSettings(Validated):
     SECTION: ClassVar[str] = "eval"
 
-    num_samples: int = at_least(1, 50_000)
+    num_samples: int = at_least(2, 50_000)  # and >= eval.is_splits
     batch_size: int = at_least(1, 250)  # images per sampling batch; also the unit of sharding
     seed: int = seed_value()
     seeds: list[int] | None = None  # several seeds: FID per seed, reported as min, mean and std (overrides seed)
@@ -87,6 +87,11 @@ class EvalSettings(Validated):
                 "eval.nll=true runs in one job: it does not go with eval.num_shards > 1 or eval.nfe_sweep"
             )
         seeds = self.seeds
+        if seeds is not None and not self.fid:
+            raise ConfigError(
+                f"eval.seeds={seeds!r} are the seeds of the images drawn for FID, but eval.fid=false draws none "
+                "(the likelihood is computed on the test split): drop eval.seeds"
+            )
         if seeds is not None:
             if not seeds or len(set(seeds)) != len(seeds) or not all(0 <= seed < 2**32 for seed in seeds):
                 raise ConfigError(

@@ -112,6 +112,14 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
     )
     if without_objective and ranks.is_main:
         log.warning("this run will report no objective: %s", without_objective)
+    if settings.warmup > settings.iterations and ranks.is_main:
+        log.warning(
+            "trainer.warmup=%d is more than trainer.iterations=%d: the learning rate never reaches optimizer.lr "
+            "(it ends at %.3g of it)",
+            settings.warmup,
+            settings.iterations,
+            settings.iterations / settings.warmup,
+        )
 
     evaluator, logger, identity = None, None, None
     if ranks.is_main:  # rank 0 alone measures FIDs, logs and writes
