@@ -56,6 +56,7 @@ def test_the_capability_report_of_this_torch_is_read():
         assert capabilities["architecture"] and "amx_bf16" in capabilities or capabilities["architecture"] != "x86_64"
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_auto_turns_everything_on_for_cuda():
     fast = resolve_fast_paths(device=torch.device("cuda"))
@@ -139,6 +140,7 @@ def test_bf16_autocast_runs_the_network_in_bf16_and_trains(tmp_path):
     assert all(p.dtype == torch.float32 for p in diffusion.model.parameters())  # fp32 master weights
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast with a grad scaler needs CUDA")
 def test_fp16_with_a_grad_scaler_trains(tmp_path):
     diffusion = tiny_diffusion().cuda()

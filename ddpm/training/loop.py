@@ -18,6 +18,7 @@ from ddpm.io.checkpoint import content_digest
 from ddpm.runtime.distributed import any_rank, barrier, gather_to_main, share_running_statistics
 from ddpm.training.settings import TrainSettings
 from ddpm.training.setup import TrainingParts
+from ddpm.training.update import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +65,8 @@ def train(parts: TrainingParts, settings: TrainSettings) -> dict[str, Any]:
     )
     parts.diffusion.train()
     while loop.step < settings.iterations and not loop.stopped_early:
-        # Learning rate, then the batch and its noise (drawn for the global batch: this rank takes its share).
-        for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
-            group["lr"] = learning_rate(loop.step, base_lr, settings.warmup, settings.lr_decay, settings.iterations)
-        x, y = next(parts.batches)
-        x = x.to(parts.device, non_blocking=True, memory_format=parts.noise.layout)
-        t, noise, labels = parts.noise.draw(y.to(parts.device, non_blocking=True) if settings.use_labels else None)
-
-        # Forward, backward, an update that a non-finite loss or gradient never reaches, the EMA.
-        result = parts.update(x, labels, t, noise)
-        loop.step += 1
+        take_step(parts, settings, base_lrs)
         interval_steps += 1
-        loop.add_step(result)
-        parts.nonfinite.record(result, loop.step)
-        if not parts.update.skips_on_device:  # this step synchronized already: report a fault at once
-            parts.nonfinite.check(parts.checkpoints.describe_last())
         bar.update()
 
         # Log the interval's means, the test loss; early stopping on the train loss.
@@ -107,6 +95,27 @@ def train(parts: TrainingParts, settings: TrainSettings) -> dict[str, Any]:
             parts.grids.draw(loop.step)
     bar.close()
     return finish(parts, settings, metrics, started)
+
+
+def take_step(parts: TrainingParts, settings: TrainSettings, base_lrs: list[float]) -> StepResult:
+    """One optimizer step, in execution order; nothing here waits for the device (but a for-loop optimizer's own
+    check of the step)."""
+    loop, optimizer = parts.loop, parts.update.optimizer
+    # Learning rate, then the batch and its noise (drawn for the global batch: this rank takes its share).
+    for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
+        group["lr"] = learning_rate(loop.step, base_lr, settings.warmup, settings.lr_decay, settings.iterations)
+    x, y = next(parts.batches)
+    x = x.to(parts.device, non_blocking=True, memory_format=parts.noise.layout)
+    t, noise, labels = parts.noise.draw(y.to(parts.device, non_blocking=True) if settings.use_labels else None)
+
+    # Forward, backward, an update that a non-finite loss or gradient never reaches, the EMA.
+    result = parts.update(x, labels, t, noise)
+    loop.step += 1
+    loop.add_step(result)
+    parts.nonfinite.record(result, loop.step)
+    if not parts.update.skips_on_device:  # this step synchronized already: report a fault at once
+        parts.nonfinite.check(parts.checkpoints.describe_last())
+    return result
 
 
 def checkpoint(parts: TrainingParts, started: float) -> None:
