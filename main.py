@@ -1,6 +1,7 @@
 """The one entry point: `python main.py [task=train|sample|evaluate|benchmark|plot_schedules|import] [group=option] [key=value ...]`."""
 
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from ddpm.config.validation import check_config
 from ddpm.io.sweep_summary import after_sweep_job, clear_job_error, record_job_error
 from ddpm.runtime.cpu_share import use_cpu_share
 from ddpm.runtime.run_directory import claim, launch_rank, release_all
+from ddpm.runtime.sweep_directory import SEARCH_SWEEPER
 
 log = logging.getLogger("ddpm")
 
@@ -65,6 +67,8 @@ def main(cfg: DictConfig):
         if expected is None:
             raise
         log.error("%s", one_line(expected))
+        if OmegaConf.select(hydra_config, "sweeper._target_") == SEARCH_SWEEPER:
+            return math.nan  # a failed trial, which the summary lists with this line: the search goes on
         sys.exit(1)
     finally:
         release_all()

@@ -9,8 +9,10 @@ import pytest
 from main_in_process import RUN, SAMPLE, checkpoint_files, command, run_main_in_process
 from PIL import Image
 from test_fault_catalogue import EVALUATE, case, error_lines
+from test_search import SEARCH
 
 NEW_RUN = "hydra.run.dir={tmp}/probe_run"
+SEARCH_DIR = "hydra.sweep.dir={tmp}/probe_search"
 FOLDER = ["dataset=folder", "dataset.path={grey_folder}", "dataset.image_size=8", "dataset.channels=1"]
 FOLDER_RUN = [*FOLDER, "trainer.use_labels=false", "trainer.batch_size=2", NEW_RUN]
 
@@ -120,6 +122,51 @@ PROBES = [
         "eval.nll_num_images=100000 is more than the",
         "images of the test split",
         id="evaluate-nll-images-above-the-split",
+    ),
+    # The search sweeper's own settings, before any trial.
+    case(
+        "search",
+        SEARCH,
+        ["hydra.sweeper.n_trials=0", SEARCH_DIR],
+        "hydra.sweeper.n_trials=0 must be an integer >= 1",
+        id="n-trials-zero",
+    ),
+    case(
+        "search",
+        SEARCH,
+        ["hydra.sweeper.n_jobs=0", SEARCH_DIR],
+        "hydra.sweeper.n_jobs=0 must be an integer >= 1",
+        id="n-jobs-zero",
+    ),
+    case(
+        "search",
+        SEARCH,
+        ["hydra.sweeper.direction=max", SEARCH_DIR],
+        "hydra.sweeper.direction='max' must be one of ['minimize', 'maximize']",
+        id="direction-max",
+    ),
+    case(
+        "search",
+        SEARCH,
+        ["optimizer.lr=interval(0.1,0.01)", SEARCH_DIR],
+        "optimizer.lr=interval(0.1,0.01):",
+        id="interval-low-above-high",
+    ),
+    case(
+        "search",
+        SEARCH,
+        ["optimizer.lrr=interval(0.001,0.01)", SEARCH_DIR],
+        "optimizer.lrr is not a setting of optimizer",
+        "did you mean optimizer.lr?",
+        id="misspelt-search-key",
+    ),
+    case(
+        "search",
+        SEARCH,
+        ["trainer.bach_size=choice(4,8)", SEARCH_DIR],
+        "trainer.bach_size",
+        "did you mean trainer.batch_size?",
+        id="misspelt-sweep-argument",
     ),
 ]
 

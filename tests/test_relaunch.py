@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from main_in_process import RUN, run_main_in_process
+from test_search import SEARCH
 
 # Hydra's records and log of each launch, and the run directory's lock record: what a relaunch may touch.
 LAUNCH_RECORDS = (".hydra", "main.log", "run.lock")
@@ -93,3 +94,46 @@ def test_jobs_that_share_a_directory_do_not_continue_each_others_runs(tmp_path, 
     assert "hydra.sweep.subdir that differs per job" in output
     summary = json.loads((tmp_path / "same" / "summary.json").read_text())
     assert summary["steps"] == 2  # the first job's, as it wrote it
+
+
+def search(tmp_path, trials: int, *overrides: str) -> list[str]:
+    kept = [arg for arg in SEARCH if not arg.startswith("hydra.sweeper.n_trials")]
+    return [*kept, f"hydra.sweeper.n_trials={trials}", f"hydra.sweep.dir={tmp_path}", *overrides]
+
+
+def trial_records(tmp_path) -> list[dict]:
+    return json.loads((tmp_path / "trials.json").read_text())
+
+
+def test_a_search_launched_again_runs_only_its_missing_trials_in_new_job_directories(tmp_path, capfd):
+    """A relaunched search started its study over in job directories 0, 1, ...: the first trial continued the
+    first launch's trial 0, got no objective, and Optuna failed with a traceback."""
+    assert run_main_in_process(search(tmp_path, 2), capfd)[0] == 0
+    first_jobs = {job: file_digests(tmp_path / job) for job in ("0", "1")}
+    code, output = run_main_in_process(search(tmp_path, 3), capfd)
+    assert code == 0 and "2 of 3 trials finished, 1 to go" in output, output
+    assert {job: file_digests(tmp_path / job) for job in ("0", "1")} == first_jobs
+    records = trial_records(tmp_path)
+    assert [record["state"] for record in records] == ["COMPLETE"] * 3
+    assert records[2]["params"] not in (records[0]["params"], records[1]["params"])  # the sampler moved on
+    assert json.loads((tmp_path / "2" / "summary.json").read_text())["steps"] == 4
+    code, output = run_main_in_process(search(tmp_path, 3), capfd)
+    assert code == 0 and "3 of 3 trials finished, 0 to go" in output
+    assert len(list((tmp_path / "summary.csv").read_text().splitlines())) == 4  # a header and three trials
+
+
+def test_a_trial_left_running_or_without_an_objective_fails_and_the_search_goes_on(tmp_path, capfd):
+    bad_batch = "trainer.batch_size=choice(4,0)"  # 0 is refused: a trial that fails
+    assert run_main_in_process(search(tmp_path, 1, bad_batch), capfd)[0] == 0
+    records = trial_records(tmp_path)
+    # A launch stopped during trial 1: its record says running.
+    records.append({"number": 1, "params": records[0]["params"], "state": "RUNNING"})
+    (tmp_path / "trials.json").write_text(json.dumps(records))
+    code, output = run_main_in_process(search(tmp_path, 6, bad_batch), capfd)
+    assert code == 0, output
+    assert "trial 1 was left running by a stopped launch: it counts as failed" in output
+    states = [record["state"] for record in trial_records(tmp_path)]
+    assert len(states) == 6 and states[1] == "FAIL" and "COMPLETE" in states[2:]
+    failed = [r["number"] for r in trial_records(tmp_path) if r["params"].get("trainer.batch_size") == 0]
+    assert failed and all(states[number] == "FAIL" for number in failed)
+    assert "trainer.batch_size=0" in (tmp_path / "summary.md").read_text()

@@ -11,6 +11,8 @@ from pathlib import Path
 from ddpm.config.errors import ConfigError
 
 SWEEP_FILE = "sweep.json"
+# The sweeper of the search presets (ddpm.runtime.optuna_search): a failed trial is a result there, not the end.
+SEARCH_SWEEPER = "hydra_plugins.ddpm_search.search_sweeper.ResumableOptunaSweeper"
 # Overrides that a relaunch of the same sweep may change: where and how it runs and logs, and how long it trains
 # (a longer run continues the same one). The sweeper's search space is part of the sweep.
 MAY_CHANGE = ("hydra.", "hydra/", "logger", "trainer.iterations", "trainer.resume")
@@ -31,7 +33,8 @@ def defining_overrides(overrides: list[str]) -> list[str]:
 
 
 def claim_sweep(directory: Path, overrides: list[str]) -> None:
-    """Records this sweep as the directory's, or checks that the directory's recorded sweep is this one."""
+    """Records this sweep as the directory's, or checks that the directory's recorded sweep is this one. A
+    recorded sweep without a job directory (refused before its first job, say) does not own the directory."""
     wanted = defining_overrides(overrides)
     record = directory / SWEEP_FILE
     if record.is_file():
@@ -42,7 +45,7 @@ def claim_sweep(directory: Path, overrides: list[str]) -> None:
                 f"hydra.sweep.dir={directory} holds an unreadable {SWEEP_FILE} ({error}): give this sweep its own "
                 "hydra.sweep.dir"
             ) from None
-        if recorded != wanted:
+        if recorded != wanted and any(path.name.isdigit() for path in directory.iterdir() if path.is_dir()):
             only_here = [o for o in wanted if o not in recorded] or ["nothing"]
             only_there = [o for o in recorded if o not in wanted] or ["nothing"]
             raise ConfigError(
@@ -50,8 +53,9 @@ def claim_sweep(directory: Path, overrides: list[str]) -> None:
                 f"had {' '.join(only_there)}): give this sweep its own hydra.sweep.dir; launching that sweep again "
                 "(trainer.iterations may be raised) continues it"
             )
-        return
-    directory.mkdir(parents=True, exist_ok=True)
+        if recorded == wanted:
+            return
+    directory.mkdir(parents=True, exist_ok=True)  # a new sweep, or one refused before its first job: recorded
     temporary = record.with_suffix(".tmp")
     temporary.write_text(json.dumps({"overrides": wanted}, indent=2) + "\n")
     temporary.replace(record)
