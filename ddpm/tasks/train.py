@@ -27,7 +27,7 @@ from ddpm.runtime.rng import seed_everything
 from ddpm.runtime.run_directory import move_earlier_run_aside, record_run, run_id
 from ddpm.training.loop import train
 from ddpm.training.optimizer import build_optimizer
-from ddpm.training.resume import check_resumable, find_resume_checkpoint, finished_run
+from ddpm.training.resume import check_resumable, find_resume_checkpoint, finished_run, what_may_not_change
 from ddpm.training.settings import TrainSettings
 from ddpm.training.setup import build_training
 
@@ -194,25 +194,6 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
         log.info("objective %s = %s", summary["objective"], summary["objective_value"])
         write_summary(summary, run_dir)
     return summary
-
-
-def what_may_not_change(run_dir: Path, finished: dict | None) -> tuple[str, str] | None:
-    """Where a resumed run's settings may not change (see check_resumable): a finished run, and the run of a
-    sweep's job, which is this sweep's only when its settings are the same (another sweep in the same
-    hydra.sweep.dir, or a constant hydra.sweep.subdir, would otherwise continue other jobs' runs)."""
-    if sweep_job() is not None:
-        return (
-            f"{run_dir} holds the run of another job (of another sweep, or of this one)",
-            "give this sweep its own hydra.sweep.dir (launching the same sweep again continues its jobs) and a "
-            "hydra.sweep.subdir that differs per job",
-        )
-    if finished:
-        return (
-            f"the run in {run_dir} finished at step {finished['steps']}",
-            "start a new run for these settings (trainer.resume=never, or another hydra.run.dir), or raise "
-            "trainer.iterations to continue this one with them",
-        )
-    return None
 
 
 def final_likelihood(diffusion, test_loader, settings: TrainSettings, device: torch.device) -> float | None:

@@ -11,6 +11,7 @@ from hydra.utils import get_object
 from ddpm.config.differences import describe, differences
 from ddpm.config.errors import CheckpointError, ConfigError
 from ddpm.io.checkpoint import load_checkpoint, periodic_checkpoints
+from ddpm.io.loggers import sweep_job
 
 log = logging.getLogger(__name__)
 
@@ -149,3 +150,22 @@ def check_resumable(
             path,
             describe(changed),
         )
+
+
+def what_may_not_change(run_dir: Path, finished: dict | None) -> tuple[str, str] | None:
+    """Where a resumed run's settings may not change (see check_resumable): a finished run, and the run of a
+    sweep's job, which is this sweep's only when its settings are the same (another sweep in the same
+    hydra.sweep.dir, or a constant hydra.sweep.subdir, would otherwise continue other jobs' runs)."""
+    if sweep_job() is not None:
+        return (
+            f"{run_dir} holds the run of another job (of another sweep, or of this one)",
+            "give this sweep its own hydra.sweep.dir (launching the same sweep again continues its jobs) and a "
+            "hydra.sweep.subdir that differs per job",
+        )
+    if finished:
+        return (
+            f"the run in {run_dir} finished at step {finished['steps']}",
+            "start a new run for these settings (trainer.resume=never, or another hydra.run.dir), or raise "
+            "trainer.iterations to continue this one with them",
+        )
+    return None
