@@ -44,6 +44,26 @@ def _renamed_keys(arguments: list[str]) -> list[str]:
     return messages
 
 
+def _unreadable_overrides(arguments: list[str]) -> list[str]:
+    """Messages for overrides with characters outside ASCII that Hydra's grammar cannot read unquoted (a path
+    with an umlaut, say): Hydra's own error is a lexer's, with no hint to quote the value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser, messages = OverridesParser.create(), []
+    for argument in arguments:
+        if argument.isascii() or "=" not in argument:
+            continue
+        try:
+            parser.parse_override(argument)
+        except Exception:  # the grammar's error: what to do about it is said here
+            key, value = argument.split("=", 1)
+            messages.append(
+                f"{argument} cannot be read: a value with characters outside ASCII must be quoted, "
+                f"as in {key}='\"{value}\"' on the shell's command line"
+            )
+    return messages
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
     """Runs the task; every fault ddpm.config.faults recognizes ends in one line and exit status 1. Rank 0 holds the
@@ -77,8 +97,8 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    if renamed := _renamed_keys(sys.argv[1:]):
-        print(f"main.py: {'; '.join(renamed)}", file=sys.stderr)
+    if faults := _renamed_keys(sys.argv[1:]) + _unreadable_overrides(sys.argv[1:]):
+        print(f"main.py: {'; '.join(faults)}", file=sys.stderr)
         sys.exit(1)
     try:
         main()

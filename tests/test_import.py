@@ -341,6 +341,10 @@ class Code:
             ),
         ),
         ("unbuildable", r"config.json describes a UNet this project cannot build: model.num_groups=7 must divide"),
+        (
+            "unusable schedule",  # it blamed config.json
+            r"scheduler_config.json describes a noise schedule this project cannot use: schedule.high=",
+        ),
         ("other size", r"the imported model has image_size=64, but dataset.image_size=32: name the dataset"),
         ("code in the weights", r"holds objects other than tensors, which are not loaded"),
         ("conditional", r"trainer.use_labels=true, but a UNet2DModel without class embeddings is unconditional"),
@@ -362,6 +366,9 @@ def test_what_cannot_be_imported_ends_in_one_line(case, message, hub_shaped, tmp
         edited_copy(hub_shaped, source, weights=lambda s: reshaped(s, "up_blocks.2.resnets.0.conv1.bias"))
     elif case == "unbuildable":
         edited_copy(hub_shaped, source, config=lambda c: {**c, "norm_num_groups": 7})
+    elif case == "unusable schedule":
+        edited_copy(hub_shaped, source)
+        (source / "scheduler_config.json").write_text(json.dumps({**DDPM_SCHEDULER, "beta_end": 2.0}))
     elif case == "other size":
         edited_copy(hub_shaped, source, config=lambda c: {**c, "sample_size": 64})
     elif case == "code in the weights":

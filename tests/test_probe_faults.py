@@ -168,6 +168,58 @@ PROBES = [
         "did you mean trainer.batch_size?",
         id="misspelt-sweep-argument",
     ),
+    # The components' and the machine's limits, in one line naming the key typed.
+    case(
+        "component",
+        RUN,
+        ["trainer.num_threads=100000", NEW_RUN],
+        "trainer.num_threads=100000 is more than the",
+        "CPUs this process may use",
+        id="threads-beyond-the-machine",
+    ),
+    case(
+        "component",
+        RUN,
+        ["dataset.image_size=2048", NEW_RUN],
+        "dataset.image_size=2048: the 1797 digits at that size take",
+        "GiB free; choose a smaller dataset.image_size",
+        id="images-that-cannot-fit-memory",
+    ),
+    case(
+        "component",
+        RUN,
+        ["hydra.run.dir={tmp}/" + "x" * 300],
+        "the name xxxxxxxxxxxxxxxxxxxxxxxx... is 300 bytes long, more than the 255 the file system allows",
+        id="run-directory-name-too-long",
+    ),
+    case(
+        "component",
+        RUN,
+        ["trainer.eval_rate=1", "fid=tiny", "fid.reference_dir={a_file}", NEW_RUN],
+        "fid.reference_dir={a_file} is a file, not a directory: remove it or point fid.reference_dir at",
+        id="reference-dir-is-a-file",
+    ),
+    case(
+        "component",
+        RUN,
+        ["trainer.eval_rate=1", "fid=tiny", "paths.data_dir={a_file}", NEW_RUN],
+        "paths.data_dir={a_file} (its fid_stats/) cannot be created",
+        id="data-dir-is-a-file",
+    ),
+    case(
+        "component",
+        ["-m", *RUN],
+        ["hydra/launcher=slurm", "hydra.launcher.timeout_min=0", SEARCH_DIR],
+        "hydra.launcher.timeout_min=0 must be a whole number >= 1",
+        id="slurm-time-limit-zero",
+    ),
+    case(
+        "component",
+        ["-m", *RUN],
+        ["hydra/launcher=slurm", "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30", SEARCH_DIR],
+        "hydra.launcher.timeout_min=1 leaves no time before the USR2 warning",
+        id="slurm-time-limit-before-the-warning",
+    ),
 ]
 
 
@@ -197,7 +249,7 @@ def test_a_probe_fault_ends_in_one_line_before_the_compute(base, overrides, expe
         assert text.format(**probe_files) in errors[0], f"expected {text!r} in the error line:\n{shown}"
     assert "Traceback" not in output and "training:" not in output, f"a traceback or a step:\n{shown}"
     assert checkpoint_files(runs) == before, f"the existing checkpoints were changed:\n{shown}"
-    assert not (probe_files["tmp"] / "probe_run" / "checkpoints").exists(), f"a new run wrote:\n{shown}"
+    assert not list((probe_files["tmp"] / "probe_run").glob("checkpoints/*.pt")), f"a new run wrote:\n{shown}"
 
 
 def test_auto_objective_warns_outside_a_sweep_and_means_the_train_loss_without_a_test_split(probe_files, capfd):
@@ -235,3 +287,13 @@ def test_a_warmup_longer_than_the_run_is_warned_about_before_the_first_step(prob
     assert code == 0, output
     warning = "trainer.warmup=8 is more than trainer.iterations=2: the learning rate never reaches optimizer.lr"
     assert warning in output and output.index(warning) < output.index("step 2/2")
+
+
+def test_a_path_outside_ascii_without_quotes_gets_the_hint_to_quote_it(probe_files, capfd):
+    """Hydra's lexer error named no way out."""
+    run_dir = f"{probe_files['tmp']}/läuft"
+    code, output = run_main_in_process(command(RUN, [f"hydra.run.dir={run_dir}"], probe_files), capfd)
+    assert code == 1 and "Traceback" not in output and "LexerNoViableAltException" not in output
+    assert f"hydra.run.dir={run_dir} cannot be read: a value with characters outside ASCII must be quoted" in output
+    code, output = run_main_in_process(command(RUN, [f'hydra.run.dir="{run_dir}"'], probe_files), capfd)
+    assert code == 0, output

@@ -1,6 +1,7 @@
 """The handwritten digits that scikit-learn ships: 1,797 real 8x8 grayscale images, 10 classes, offline."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,13 @@ def digits(
     if split not in ("train", "test"):
         raise ConfigError(f"split={split!r} is not one of ['train', 'test']")
     pixels, classes = load_digits()
+    needed = len(pixels) * image_size**2 * 4 * 2  # float32, upscaled and then shifted to [-1, 1]
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed > available:
+        raise ConfigError(
+            f"dataset.image_size={image_size}: the {len(pixels)} digits at that size take {needed / 2**30:.1f} GiB "
+            f"in memory, more than the {available / 2**30:.1f} GiB free; choose a smaller dataset.image_size"
+        )
     images = torch.tensor(pixels, dtype=torch.float32).unsqueeze(1) / 16  # pixel values are 0..16
     images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True)
     images = (images.clamp(0, 1) * 2 - 1).contiguous()

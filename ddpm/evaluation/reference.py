@@ -19,6 +19,7 @@ from ddpm.evaluation.metrics import feature_statistics
 from ddpm.evaluation.samples import read_npz, save_npz
 from ddpm.evaluation.settings import FidSettings
 from ddpm.io.images import to_uint8
+from ddpm.runtime.preflight import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,11 @@ def reference_statistics(fid: FidSettings, dataset: DictConfig, data_dir: str, e
             log.info("reference statistics from %s", path)
             return {"path": str(path), "num_images": meta["num_images"], **protocol, **data}
         log.warning("%s was computed with other settings (%s): computing it again", path, meta or "no record")
+    if fid.reference_dir:
+        where, elsewhere = f"fid.reference_dir={fid.reference_dir}", "point fid.reference_dir at"
+    else:
+        where, elsewhere = f"paths.data_dir={data_dir} (its fid_stats/)", "point fid.reference_dir or paths.data_dir at"
+    check_writable(path.parent, where, elsewhere=elsewhere)  # before the features are computed, not at their save
     log.info("computing the reference statistics of the %s split into %s (once)", fid.reference_split, path)
     features, _ = extract_features(
         extractor, dataset_images(dataset, fid.reference_split, fid.reference_num_images), fid.batch_size

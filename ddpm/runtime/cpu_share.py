@@ -73,6 +73,12 @@ def cpu_share(num_threads: object = None, environ: Mapping[str, str] | None = No
         )
     cpus, cpu_source = allowed_cpus(environ)
     processes, sharing = processes_on_the_same_cpus(environ)
+    if num_threads is not None and num_threads > cpus:
+        # More threads than CPUs only slow a step down (and very many crash OpenMP's start-up).
+        raise ConfigError(
+            f"trainer.num_threads={num_threads} is more than the {cpus} CPUs this process may use ({cpu_source}): "
+            f"at most {cpus}, or null for its share"
+        )
     if num_threads is not None:
         return CpuShare(num_threads, cpus, processes, f"trainer.num_threads={num_threads}")
     threads = max(cpus // processes, 1)

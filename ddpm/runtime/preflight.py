@@ -23,23 +23,44 @@ def estimated_checkpoint_bytes(model: nn.Module, with_ema: bool) -> int:
     return weights * (3 + int(with_ema)) + MB
 
 
-def check_writable(directory: Path, label: str, needed: int = MIN_FREE_BYTES) -> None:
+def check_name_lengths(path: Path, label: str) -> None:
+    """Every name in `path` fits the file system (most allow 255 bytes per name): a longer one fails only when
+    something is written there, with an error about a file."""
+    existing = next((parent for parent in (path, *path.parents) if _exists(parent)), Path("/"))
+    limit = os.pathconf(existing, "PC_NAME_MAX") if existing.is_dir() else 255
+    for name in path.parts:
+        if len(os.fsencode(name)) > limit:
+            raise StorageError(
+                f"{label}: the name {name[:24]}... is {len(os.fsencode(name))} bytes long, more than the "
+                f"{limit} the file system allows: choose a shorter one"
+            )
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long, for one
+        return False
+
+
+def check_writable(directory: Path, label: str, needed: int = MIN_FREE_BYTES, elsewhere: str = ELSEWHERE) -> None:
     """`directory` is a directory (or can be made one), can be written, and its disk has `needed` bytes free.
     Raises StorageError starting with `label` (e.g. hydra.run.dir=PATH) and saying what is wrong; nothing is
-    left behind but the directory."""
+    left behind but the directory. `elsewhere` says where the user points to another path."""
+    check_name_lengths(directory, label)
     if directory.exists() and not directory.is_dir():
-        raise StorageError(f"{label} is a file, not a directory: remove it or {ELSEWHERE} another path")
+        raise StorageError(f"{label} is a file, not a directory: remove it or {elsewhere} another path")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise StorageError(
-            f"{label} cannot be created ({error.strerror or error}): {ELSEWHERE} a writable directory"
+            f"{label} cannot be created ({error.strerror or error}): {elsewhere} a writable directory"
         ) from error
     free = shutil.disk_usage(directory).free
     if free < needed:
         raise StorageError(
             f"{label}: its disk has {free / MB:.0f} MB free, and a run needs at least "
-            f"{needed / MB:.0f} MB: free space or {ELSEWHERE} another disk"
+            f"{needed / MB:.0f} MB: free space or {elsewhere} another disk"
         )
     try:
         handle, probe = tempfile.mkstemp(dir=directory, prefix=".write-test.", suffix=".tmp")
@@ -51,7 +72,7 @@ def check_writable(directory: Path, label: str, needed: int = MIN_FREE_BYTES) ->
             os.unlink(probe)
     except OSError as error:
         raise StorageError(
-            f"{label} cannot be written ({error.strerror or error}): {ELSEWHERE} a writable directory"
+            f"{label} cannot be written ({error.strerror or error}): {elsewhere} a writable directory"
         ) from error
 
 

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from ddpm.config.errors import RunDirectoryInUse, UserError
 from ddpm.config.faults import print_error
+from ddpm.config.launcher import check_launcher
 from ddpm.runtime.preflight import check_writable
 from ddpm.runtime.sweep_directory import claim_sweep
 
@@ -165,6 +166,7 @@ class ClaimRunDirectory(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
+            check_launcher(config.hydra.get("launcher"))
             check_writable(Path(config.hydra.sweep.dir), f"hydra.sweep.dir={config.hydra.sweep.dir}")
             claim_sweep(Path(config.hydra.sweep.dir), list(config.hydra.overrides.task))
         except UserError as error:

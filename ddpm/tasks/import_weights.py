@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import to_absolute_path
+from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.config.errors import ConfigError
@@ -100,7 +100,15 @@ def schedule_node(cfg: DictConfig, model_dir: Path) -> dict[str, Any]:
                 "trained with, which the import takes: drop the schedule override"
             )
         log.info("noise schedule from %s", path)
-        return schedule_from(read_json(path), path)
+        node = schedule_from(read_json(path), path)
+        try:  # betas the diffusion cannot use (a beta of 1 or more, say) are the scheduler config's fault
+            instantiate(node)
+        except Exception as error:  # Hydra's instantiate wraps the schedule's ConfigError
+            cause = next((e for e in _causes(error) if isinstance(e, ConfigError)), None)
+            if cause is None:
+                raise
+            raise ConfigError(f"{path} describes a noise schedule this project cannot use: {cause}") from error
+        return node
     if named_on_command_line("schedule"):
         return OmegaConf.to_container(cfg.schedule, resolve=True)
     log.warning(
