@@ -397,3 +397,32 @@ def test_fid_early_stopping_needs_evaluations():
         TrainSettings(early_stop_metric="fid")
     with pytest.raises(ConfigError, match="trainer.early_stop_metric='fidd'"):
         TrainSettings(early_stop_metric="fidd")
+
+
+def test_a_stop_signal_during_the_final_grid_ends_the_run_unfinished_and_the_same_command_finishes_it(
+    tmp_path, monkeypatch, caplog
+):
+    """It logged "stopping after this step", drew the grid anyway and ended as finished (exit status 0)."""
+    import os
+    import signal
+
+    from ddpm.training.grids import SampleGrids
+    from ddpm.training.preemption import Preempted
+
+    draw = SampleGrids.final
+
+    def interrupted(self, step):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered here, in the main thread, before the drawing
+        return draw(self, step)
+
+    monkeypatch.setattr(SampleGrids, "final", interrupted)
+    with pytest.raises(Preempted) as stopped, caplog.at_level("WARNING"):
+        run_loop(tmp_path, iterations=4, sample_at_end=True)
+    assert stopped.value.code == 143
+    assert "received SIGTERM during the final grid: stopping now; the checkpoint of step 4 is written" in caplog.text
+    assert not list(tmp_path.glob("samples/final*.png"))
+    monkeypatch.setattr(SampleGrids, "final", draw)
+    _, _, summary = run_loop(
+        tmp_path, iterations=4, sample_at_end=True, resume_from=tmp_path / "checkpoints" / "last.pt"
+    )
+    assert summary["steps"] == 4 and summary["resumed_from_step"] == 4 and summary["sample_grid"]

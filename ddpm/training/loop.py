@@ -186,7 +186,13 @@ def finish(parts: TrainingParts, settings: TrainSettings, metrics: dict[str, flo
         log.warning("the ranks ended with different weights: %s", weight_digests)
     grid = None  # the final grid, else the newest periodic one
     if parts.grids is not None and settings.sample_at_end:
-        grid = parts.grids.final(loop.step)
+        # After the last checkpoint and before summary.json: a run stopped here is not finished, and the same
+        # command draws the grid (resuming at the last step, which trains nothing).
+        with parts.stop_signal.at_once(
+            f"during the final grid: stopping now; the checkpoint of step {loop.step} is written, and running the "
+            "same command draws the grid and writes the summary"
+        ):
+            grid = parts.grids.final(loop.step)
     elif parts.grids is not None and parts.grids.latest is not None:
         grid = parts.grids.latest[1]
     best = math.isfinite(loop.best_fid)

@@ -9,10 +9,11 @@ a process the signal ended) and one line saying where the checkpoint is; the sam
 A second SIGTERM or SIGINT stops at once, keeping the checkpoints already written.
 """
 
+import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ class StopSignal:
 
     def __init__(self, signums: tuple[int, ...] = STOP_SIGNALS):
         self.received: int | None = None
+        self._at_once: str | None = None  # while set, a signal ends the process at once (see `at_once`)
         self._previous: dict[int, Callable | int | None] = {}
         if threading.current_thread() is threading.main_thread():  # signals can only be caught there
             self._previous = {signum: signal.signal(signum, self._note) for signum in signums}
@@ -52,7 +54,23 @@ class StopSignal:
             log.warning("received %s again: stopping now; the checkpoints written so far are kept", name)
             raise Preempted(signum)
         self.received = signum
+        if self._at_once is not None:
+            log.warning("received %s %s", name, self._at_once)
+            raise Preempted(signum)
         log.warning("received %s: stopping after this step, with a checkpoint", name)
+
+    @contextlib.contextmanager
+    def at_once(self, what: str) -> Iterator[None]:
+        """Inside, a stop signal (or one received before) ends the process at once, logging "received SIGNAL
+        `what`": for work after the last checkpoint that the next run of the command does again."""
+        if self.received is not None:
+            log.warning("received %s %s", signal.Signals(self.received).name, what)
+            raise Preempted(self.received)
+        self._at_once = what
+        try:
+            yield
+        finally:
+            self._at_once = None
 
     def close(self) -> None:
         for signum, previous in self._previous.items():
