@@ -342,8 +342,9 @@ def middle_of_largest_tensor(path: Path) -> int:
 @pytest.mark.parametrize("base, overrides, expected", CASES)
 def test_bad_input_is_refused_with_a_message_naming_key_and_value(base, overrides, expected, runs, paths, capfd):
     # A training command runs in the directory of the conditional run, where trainer.resume=auto finds its
-    # checkpoints; sampling and plotting commands run in a directory of their own.
-    run_dir = runs["cond_run"] if base is RUN else paths["tmp"] / "run"
+    # checkpoints; other tasks (which may not write into a training run's directory) in a directory of their own.
+    training = base is RUN and not any(override.startswith("task=") for override in overrides)
+    run_dir = runs["cond_run"] if training else paths["tmp"] / "run"
     args = [*command(base, overrides, paths), f"hydra.run.dir={run_dir}"]
     before = checkpoint_files(runs)
 

@@ -209,7 +209,7 @@ def test_evaluate_without_a_source_of_samples_is_one_line_naming_the_keys(tmp_pa
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        (["checkpoint=x.pt", "eval.num_samples=0"], "eval.num_samples=0 must be >= 1"),
+        (["checkpoint=x.pt", "eval.num_samples=0"], "eval.num_samples=0 must be >= 2"),
         (["checkpoint=x.pt", "eval.num_shards=2", "eval.shard=3"], "eval.shard=3 must be in 0..1 (eval.num_shards=2)"),
         (
             ["checkpoint=x.pt", "eval.num_samples=20", "eval.batch_size=10", "eval.num_shards=3"],

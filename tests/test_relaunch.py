@@ -5,7 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
-from main_in_process import RUN, run_main_in_process
+from main_in_process import RUN, SAMPLE, run_main_in_process
 from test_search import SEARCH
 
 # Hydra's records and log of each launch, and the run directory's lock record: what a relaunch may touch.
@@ -52,6 +52,27 @@ def test_a_finished_run_is_not_continued_with_other_settings(tmp_path, capfd):
         in output
     )
     assert file_digests(run_dir) == finished
+
+
+def hydra_records(run_dir: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in (run_dir / ".hydra").iterdir()}
+
+
+def test_a_refused_command_and_another_task_leave_the_runs_records_as_they_were(tmp_path, capfd):
+    """A refused resume rewrote .hydra/overrides.yaml with the refused command; task=sample with hydra.run.dir
+    set to a training run rewrote that run's .hydra/."""
+    run_dir = tmp_path / "run"
+    args = [*RUN, f"hydra.run.dir={run_dir}"]
+    assert run_main_in_process(args, capfd)[0] == 0
+    records = hydra_records(run_dir)
+    code, output = run_main_in_process([*args, "optimizer.lr=0.5"], capfd)
+    assert code == 1 and "finished at step 2 with optimizer.lr=0.008" in output
+    assert hydra_records(run_dir) == records
+    sample = [*SAMPLE, f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", f"hydra.run.dir={run_dir}"]
+    code, output = run_main_in_process(sample, capfd)
+    assert code == 1 and "Traceback" not in output
+    assert f"hydra.run.dir={run_dir} holds a training run: task=sample would write its records" in output
+    assert hydra_records(run_dir) == records and not (run_dir / "samples").exists()
 
 
 SWEEP = ["-m", *RUN, "trainer.checkpoint_rate=0"]

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ddpm.config.errors import RunDirectoryInUse, UserError
 from ddpm.config.faults import print_error
@@ -40,7 +40,11 @@ EARLIER_RUNS = "previous"  # <run dir>/previous/<when it was moved>/: the files 
 # What a training run writes into its directory, besides Hydra's own files: moved aside together.
 RUN_FILES = (RUN_FILE, "checkpoints", "samples", "metrics.jsonl", "summary.json", "config.yaml", "wandb")
 
-_held: dict[Path, int] = {}  # run directory -> the open file descriptor that holds its lock
+HYDRA_RECORDS = ".hydra"  # Hydra's config.yaml, hydra.yaml and overrides.yaml of the command that ran
+_held: dict[Path, int] = {}
+_records: dict[
+    Path, dict[str, bytes]
+] = {}  # run directory -> its .hydra/ files before this command  # run directory -> the open file descriptor that holds its lock
 
 
 def launch_rank() -> int:
@@ -80,6 +84,24 @@ def release(directory: str | Path) -> None:
     handle = _held.pop(Path(directory).resolve(), None)
     if handle is not None:
         os.close(handle)  # closing the descriptor releases the lock
+
+
+def keep_hydra_records(directory: Path) -> None:
+    """Remembers the run directory's .hydra/ files as they are before Hydra writes this command's over them."""
+    records = directory.resolve() / HYDRA_RECORDS
+    _records[directory.resolve()] = {
+        path.name: path.read_bytes() for path in (records.iterdir() if records.is_dir() else ()) if path.is_file()
+    }
+
+
+def restore_hydra_records(directory: str | Path) -> None:
+    """Puts back the .hydra/ files of the run directory as they were before this command (which was refused):
+    they describe the run that is there, not a command that did nothing."""
+    kept = _records.get(Path(directory).resolve())
+    if not kept:  # nothing was there: the refused command's records describe all that happened
+        return
+    for name, content in kept.items():
+        (Path(directory).resolve() / HYDRA_RECORDS / name).write_bytes(content)
 
 
 def release_all() -> None:
@@ -159,8 +181,16 @@ class ClaimRunDirectory(Callback):
         directory = Path(config.hydra.run.dir)
         try:
             check_writable(directory, f"hydra.run.dir={directory}")
+            task = OmegaConf.select(config, "hydra.runtime.choices.task") or "train"
+            if task != "train" and (directory / RUN_FILE).is_file():
+                raise UserError(
+                    f"hydra.run.dir={directory} holds a training run: task={task} would write its records "
+                    "(.hydra/) over the run's; give it a directory of its own (the default, or another "
+                    "hydra.run.dir)"
+                )
             if launch_rank() == 0:
                 claim(directory)
+                keep_hydra_records(directory)
         except UserError as error:
             _refuse(error)
 
