@@ -53,14 +53,14 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
-def claim(directory: str | Path, key: str = "hydra.run.dir") -> None:
+def claim(directory: str | Path, key: str = "hydra.run.dir", lock_file: str = LOCK_FILE) -> None:
     """Takes the run directory for this process (a no-op if it holds it already), or raises RunDirectoryInUse
     naming the holder. Where the file system has no locks (some network file systems), warns and goes on."""
     directory = Path(directory).resolve()
     if directory in _held:
         return
     directory.mkdir(parents=True, exist_ok=True)
-    handle = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    handle = os.open(directory / lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -149,20 +149,24 @@ def move_earlier_run_aside(directory: Path) -> Path | None:
     """Moves an earlier run's files (RUN_FILES) into <directory>/previous/<now>/ and returns that folder, or
     None when there are none. Hydra's own files (.hydra/, the log) stay: they belong to the new run already."""
     present = [
-        path
+        path.name
         for path in (directory / name for name in RUN_FILES)
         if path.is_file() or (path.is_dir() and any(path.iterdir()))
     ]
-    if not present:
-        return None
+    return move_aside(directory, present) if present else None
+
+
+def move_aside(directory: Path, names: list[str]) -> Path:
+    """Moves the entries `names` of `directory` into <directory>/previous/<now>/ (nothing is deleted) and
+    returns that folder."""
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     target = directory / EARLIER_RUNS / stamp
     suffix = 1
     while target.exists():
         target, suffix = directory / EARLIER_RUNS / f"{stamp}_{suffix}", suffix + 1
     target.mkdir(parents=True)
-    for path in present:
-        shutil.move(str(path), str(target / path.name))
+    for name in names:
+        shutil.move(str(directory / name), str(target / name))
     return target
 
 

@@ -20,6 +20,8 @@ from ddpm.evaluation.samples import save_npz
 from ddpm.io.images import save_images, save_sequence_strip
 from ddpm.runtime.devices import configure_backends, resolve_device
 from ddpm.runtime.fast_paths import prepare_for_sampling
+from ddpm.runtime.output_folder import OutputFolder
+from ddpm.training.preemption import StopSignal
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ class SampleSettings(Validated):
     batch_size: int = at_least(1, 250)
     seed: int = seed_value()
     out_dir: str | None = None
+    replace: bool = False  # an out_dir holding an earlier command's outputs: move them aside (else refused)
     use_ema: bool = True
     labels: list[int] | None = None
     device: str = "auto"
@@ -81,30 +84,64 @@ def saved_as_pngs(batches: Iterator[ImageBatch], out_dir: Path, total: int) -> I
 
 
 def run(cfg: DictConfig) -> dict:
-    """checkpoint -> diffusion (EMA weights) -> sampler -> batches of images -> PNG files and samples.npz."""
+    """checkpoint -> diffusion (EMA weights) -> sampler -> batches of images -> PNG files and samples.npz.
+
+    The files go into a staging folder and are moved into sample.out_dir when every one is written: the folder
+    holds one command's images, whole, or stays as it was (after a fault, or a stop signal, which ends the
+    command at once)."""
     settings = check_settings(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     out_dir = Path(to_absolute_path(settings.out_dir)) if settings.out_dir else run_dir / "samples"
     device = resolve_device(settings.device, key="sample.device")
     configure_backends(device, deterministic=False)  # TF32 and cuDNN's autotuner, as training has them
+    outputs = OutputFolder(out_dir, "sample.out_dir", replace=settings.replace, replace_key="sample.replace")
+    stop_signal = StopSignal()
+    try:
+        with stop_signal.at_once(f"while sampling: stopping now; sample.out_dir={out_dir} is as it was"):
+            diffusion, state = load_diffusion(to_absolute_path(cfg.checkpoint), device, trust=cfg.trust_checkpoint)
+            check_overrides_match(cfg, state["config"], cfg.checkpoint, task="sample")
+            precision = prepare_for_sampling(
+                diffusion, device=device, precision=settings.precision, compile=settings.compile, key="sample"
+            )
+            classes = chosen_classes(settings.labels, diffusion.model.num_classes, cfg.checkpoint)
+            sampler, guidance_scale = build_sampler(cfg.sampler, diffusion.betas)
+            labels = balanced_labels(settings.num_images, classes) if classes else None
+            log.info(
+                "sampling %d images from %s (step %d, %s weights) into %s",
+                settings.num_images,
+                cfg.checkpoint,
+                state["step"],
+                "EMA" if settings.use_ema and diffusion.ema else "raw",
+                out_dir,
+            )
+            shape = draw_into(
+                outputs.staging, settings, cfg, diffusion, state, sampler, guidance_scale, labels, precision
+            )
+            outputs.publish(last="samples.npz")
+    finally:
+        stop_signal.close()
+        outputs.discard()
+    result = {"out_dir": str(out_dir), "npz": str(out_dir / "samples.npz"), "shape": shape}
+    if settings.sequence:
+        result["sequence"] = str(out_dir / "sequence.png")
+    log.info("wrote %s", result)
+    return result
 
-    diffusion, state = load_diffusion(to_absolute_path(cfg.checkpoint), device, trust=cfg.trust_checkpoint)
-    check_overrides_match(cfg, state["config"], cfg.checkpoint, task="sample")
-    precision = prepare_for_sampling(
-        diffusion, device=device, precision=settings.precision, compile=settings.compile, key="sample"
-    )
-    classes = chosen_classes(settings.labels, diffusion.model.num_classes, cfg.checkpoint)
-    sampler, guidance_scale = build_sampler(cfg.sampler, diffusion.betas)
-    labels = balanced_labels(settings.num_images, classes) if classes else None
-    log.info(
-        "sampling %d images from %s (step %d, %s weights) into %s",
-        settings.num_images,
-        cfg.checkpoint,
-        state["step"],
-        "EMA" if settings.use_ema and diffusion.ema else "raw",
-        out_dir,
-    )
 
+def draw_into(
+    folder: Path,
+    settings: SampleSettings,
+    cfg: DictConfig,
+    diffusion,
+    state: dict,
+    sampler,
+    guidance_scale: float,
+    labels: torch.Tensor | None,
+    precision: str,
+) -> list[int]:
+    """The images as numbered PNG files and samples.npz (and the denoising strip, sample.sequence) in `folder`;
+    returns the images' array shape."""
+    device = next(diffusion.parameters()).device
     batches = draw_images(
         diffusion,
         sampler,
@@ -117,7 +154,7 @@ def run(cfg: DictConfig) -> dict:
         guidance_scale=guidance_scale,
         precision=precision,
     )
-    arrays = as_arrays(saved_as_pngs(batches, out_dir, settings.num_images))
+    arrays = as_arrays(saved_as_pngs(batches, folder, settings.num_images))
     record = drawing_record(
         checkpoint=cfg.checkpoint,
         state=state,
@@ -127,9 +164,7 @@ def run(cfg: DictConfig) -> dict:
         seed=settings.seed,
         precision=precision,
     )
-    npz = save_npz(out_dir / "samples.npz", arrays, record)
-    result = {"out_dir": str(out_dir), "npz": str(npz), "shape": list(arrays["arr_0"].shape)}
-
+    save_npz(folder / "samples.npz", arrays, record)
     if settings.sequence:
         count = min(settings.num_images, 8)
         sequence_labels = labels[:count].to(device) if labels is not None else None
@@ -140,6 +175,5 @@ def run(cfg: DictConfig) -> dict:
             use_ema=settings.use_ema,
             generator=torch.Generator(device).manual_seed(settings.seed),
         )
-        result["sequence"] = str(save_sequence_strip(sequence, out_dir / "sequence.png", settings.sequence_frames))
-    log.info("wrote %s", result)
-    return result
+        save_sequence_strip(sequence, folder / "sequence.png", settings.sequence_frames)
+    return list(arrays["arr_0"].shape)
