@@ -19,7 +19,7 @@ from ddpm.config.validation import check_config
 from ddpm.io.sweep_summary import after_sweep_job, clear_job_error, record_job_error
 from ddpm.runtime.cpu_share import use_cpu_share
 from ddpm.runtime.run_directory import claim, launch_rank, release_all, restore_hydra_records
-from ddpm.runtime.sweep_directory import SEARCH_SWEEPER
+from ddpm.runtime.sweep_directory import searching
 
 log = logging.getLogger("ddpm")
 
@@ -89,7 +89,7 @@ def main(cfg: DictConfig):
         log.error("%s", one_line(expected))
         if holds_directory and hydra_config.mode != RunMode.MULTIRUN:
             restore_hydra_records(job_dir)  # a refused command leaves the run's records as they were
-        if OmegaConf.select(hydra_config, "sweeper._target_") == SEARCH_SWEEPER:
+        if searching():
             return math.nan  # a failed trial, which the summary lists with this line: the search goes on
         sys.exit(1)
     finally:

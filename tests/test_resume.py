@@ -240,7 +240,7 @@ def test_resume_never_starts_over_and_a_finished_run_is_not_trained_further(tmp_
     assert run_main_in_process(short, capfd)[0] == 0
     first = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     code, again = run_main_in_process(short, capfd)  # resume=auto at the end of the run: nothing left to train
-    assert code == 0 and "resuming from" in again, again
+    assert code == 0 and f"the run in {run_dir} finished at step 24: nothing to do" in again, again
     assert_identical(load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"], first["model"])
     code, fresh = run_main_in_process([*short, "trainer.resume=never"], capfd)
     assert code == 0 and "resuming" not in fresh, fresh

@@ -16,7 +16,7 @@ from ddpm.config.validation import build_settings
     [
         ("train", ["trainer.iterations=0"], "trainer.iterations=0 must be >= 1"),
         ("sample", ["sample.num_images=0"], "sample.num_images=0 must be >= 1"),
-        ("evaluate", ["eval.num_samples=0"], "eval.num_samples=0 must be >= 1"),
+        ("evaluate", ["eval.num_samples=0"], "eval.num_samples=0 must be >= 2"),
         ("benchmark", ["benchmark.batch_size=0"], "benchmark.batch_size=0 must be >= 1"),
         ("train", ["trainer.batch_size=abc"], "trainer.batch_size='abc' must be of type int"),
         ("sample", ["sample.batch_size=abc"], "sample.batch_size='abc' must be of type int"),

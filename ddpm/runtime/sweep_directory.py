@@ -59,3 +59,11 @@ def claim_sweep(directory: Path, overrides: list[str]) -> None:
     temporary = record.with_suffix(".tmp")
     temporary.write_text(json.dumps({"overrides": wanted}, indent=2) + "\n")
     temporary.replace(record)
+
+
+def searching() -> bool:
+    """Whether this process runs a job of a search (the search presets' sweeper), where a job's objective is
+    what the sweeper reads: a job that cannot produce one is refused, and a failed job is a failed trial."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and HydraConfig.get().sweeper.get("_target_") == SEARCH_SWEEPER

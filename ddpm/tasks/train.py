@@ -25,6 +25,7 @@ from ddpm.runtime.fast_paths import FastPaths, prepare_diffusion
 from ddpm.runtime.preflight import check_storage, estimated_checkpoint_bytes
 from ddpm.runtime.rng import seed_everything
 from ddpm.runtime.run_directory import move_earlier_run_aside, record_run, run_id
+from ddpm.runtime.sweep_directory import searching
 from ddpm.training.loop import train
 from ddpm.training.optimizer import build_optimizer
 from ddpm.training.resume import check_resumable, find_resume_checkpoint, finished_run, what_may_not_change
@@ -108,7 +109,7 @@ def train_as_rank(cfg: DictConfig, settings: TrainSettings, device: torch.device
         )
         return finished
     without_objective = settings.check_measurements(
-        start_step=resume[1]["step"] if resume else 0, has_test_split=test_set is not None, in_sweep=bool(sweep_job())
+        start_step=resume[1]["step"] if resume else 0, has_test_split=test_set is not None, in_search=searching()
     )
     if without_objective and ranks.is_main:
         log.warning("this run will report no objective: %s", without_objective)

@@ -81,10 +81,10 @@ class TrainSettings(Validated):
         if self.early_stop_loss_change > 0 and self.log_rate == 0:
             raise ConfigError("trainer.early_stop_loss_change > 0 compares logged losses: set trainer.log_rate > 0")
 
-    def check_measurements(self, *, start_step: int, has_test_split: bool, in_sweep: bool) -> str | None:
+    def check_measurements(self, *, start_step: int, has_test_split: bool, in_search: bool) -> str | None:
         """Refuses, before the first step, an objective or end-of-run measurement that this run cannot produce
         from `start_step` on with its rates, iterations and data (it trained, then reported None). Returns a
-        warning instead where trainer.objective=auto outside a sweep (nobody asked for the value there)."""
+        warning instead where trainer.objective=auto outside a search (nobody reads the value there)."""
         if self.nll_at_end and not has_test_split:
             raise ConfigError(
                 "trainer.nll_at_end=true measures the bound on the test split, but the dataset has none: set it false"
@@ -105,7 +105,7 @@ class TrainSettings(Validated):
                 f"{key} is the best FID during training, but no step up to trainer.iterations={self.iterations} "
                 f"measures one (trainer.eval_rate={self.eval_rate}): set trainer.eval_rate <= trainer.iterations"
             )
-        if problem and (explicit or in_sweep):
+        if problem and (explicit or in_search):
             raise ConfigError(problem)
         return problem
 
