@@ -297,3 +297,21 @@ def test_a_path_outside_ascii_without_quotes_gets_the_hint_to_quote_it(probe_fil
     assert f"hydra.run.dir={run_dir} cannot be read: a value with characters outside ASCII must be quoted" in output
     code, output = run_main_in_process(command(RUN, [f'hydra.run.dir="{run_dir}"'], probe_files), capfd)
     assert code == 0, output
+
+
+def test_a_shard_directory_holds_the_shards_of_one_evaluation(runs, probe_files, capfd):
+    """A shard drawn from another checkpoint was overwritten silently (and would have been merged)."""
+    shard_dir = probe_files["tmp"] / "shards"
+    shard = [*EVALUATE, "eval.num_shards=2", "eval.shard=0", f"eval.shard_dir={shard_dir}"]
+    run_dir = f"hydra.run.dir={probe_files['tmp'] / 'shard_run'}"
+    cond = command(shard, [f"checkpoint={runs['cond_run'] / 'checkpoints' / 'last.pt'}", run_dir], probe_files)
+    assert run_main_in_process(cond, capfd)[0] == 0
+    written = (shard_dir / "shard_0_of_2.npz").read_bytes()
+    assert run_main_in_process(cond, capfd)[0] == 0  # the same settings again: the same shard, drawn again
+    assert (shard_dir / "shard_0_of_2.npz").read_bytes() == written
+    other = command(cond, [f"checkpoint={runs['uncond_run'] / 'checkpoints' / 'last.pt'}"], probe_files)
+    code, output = run_main_in_process(other, capfd)
+    [error] = error_lines(output)
+    assert code == 1 and "Traceback" not in output
+    assert f"eval.shard_dir={shard_dir} holds shard_0_of_2.npz, drawn from" in error and "cond_run" in error
+    assert (shard_dir / "shard_0_of_2.npz").read_bytes() == written

@@ -7,11 +7,13 @@ without a line after it had overwritten part of an earlier command's PNGs.
 
 import hashlib
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from main_in_process import SAMPLE, command, run_main_in_process
+from test_fault_catalogue import EVALUATE
 from test_resume import start_main, wait_for
 
 
@@ -73,3 +75,25 @@ def test_sigterm_while_sampling_ends_in_one_line_and_leaves_the_folder_as_it_was
     assert f"received SIGTERM while sampling: stopping now; sample.out_dir={out_dir} is as it was" in output
     assert "Traceback" not in output
     assert folder_digests(out_dir) == first and not (out_dir / ".writing").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_during_an_evaluation_ends_in_one_line(runs, tmp_path):
+    """SIGTERM while task=evaluate drew its images (or computed reference statistics) ended it with no line."""
+    run_dir = tmp_path / "evaluation"
+    checkpoint = runs["cond_run"] / "checkpoints" / "last.pt"
+    process = start_main(
+        *command(EVALUATE, [f"checkpoint={checkpoint}", "eval.num_samples=4000", "eval.batch_size=1"], {}),
+        f"hydra.run.dir={run_dir}",
+    )
+    try:
+        wait_for(run_dir / ".hydra" / "config.yaml", process)
+        time.sleep(3)  # into the drawing
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, output
+    assert "received SIGTERM during the evaluation: stopping now; the files it wrote so far are whole" in output
+    assert "Traceback" not in output and not (run_dir / "metrics.json").exists()

@@ -97,3 +97,27 @@ def merge_shards(directory: str | Path) -> tuple[dict[str, np.ndarray], dict]:
             f"eval.merge={directory}: the shards hold {len(arrays['arr_0'])} images, not {first['num_samples']}"
         )
     return arrays, first
+
+
+def check_shard_dir(directory: Path, meta: dict, num_shards: int) -> None:
+    """A shard directory holds the shards of one evaluation: a shard file there drawn with other settings (another
+    checkpoint, sampler, seed or count) is refused rather than overwritten or merged with this one's."""
+    for path in sorted(directory.glob("shard_*_of_*.npz")) if directory.is_dir() else ():
+        match = SHARD_FILE.fullmatch(path.name)
+        if match is None:
+            continue
+        try:
+            theirs = json.loads(str(read_npz(path, "eval.shard_dir").get("meta", "null")))
+        except ConfigError:
+            theirs = None  # unreadable: not this evaluation's either
+        same = isinstance(theirs, dict) and int(match[2]) == num_shards
+        same = same and {k: v for k, v in theirs.items() if k != "shard"} == {
+            k: v for k, v in meta.items() if k != "shard"
+        }
+        if not same:
+            drawn_from = theirs.get("checkpoint") if isinstance(theirs, dict) else "unknown settings"
+            raise ConfigError(
+                f"eval.shard_dir={directory} holds {path.name}, drawn from {drawn_from} with other settings than "
+                "this evaluation's: give this evaluation its own eval.shard_dir (a shard drawn again with the same "
+                "settings replaces its file)"
+            )

@@ -35,11 +35,12 @@ from ddpm.evaluation.protocol import (
     summary,
 )
 from ddpm.evaluation.reference import reference_statistics
-from ddpm.evaluation.samples import merge_shards, read_samples, save_npz, shard_name
+from ddpm.evaluation.samples import check_shard_dir, merge_shards, read_samples, save_npz, shard_name
 from ddpm.evaluation.scores import across_seeds, metrics_of
 from ddpm.evaluation.settings import EvalSettings, FidSettings
 from ddpm.runtime.devices import configure_backends, resolve_device
 from ddpm.runtime.fast_paths import prepare_for_sampling
+from ddpm.training.preemption import StopSignal
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,12 @@ def default_shard_dir() -> Path:
 def run(cfg: DictConfig) -> float:
     """task=evaluate (`evaluate`), returning its objective to a sweeper: the FID (the minimum over eval.seeds),
     or the bits/dim with eval.fid=false; NaN for a shard or an NFE sweep, which have no one number."""
-    result = evaluate(cfg)
+    stop_signal = StopSignal()
+    try:  # every file is written atomically: a stop leaves whole files, and the same command starts again
+        with stop_signal.at_once("during the evaluation: stopping now; the files it wrote so far are whole"):
+            result = evaluate(cfg)
+    finally:
+        stop_signal.close()
     if "fid" in result:
         return float(result["fid"])
     if (result.get("nll") or {}).get("bits_per_dim") is not None:
@@ -168,6 +174,14 @@ def evaluate(cfg: DictConfig) -> dict:
         return result
     elif settings.num_shards > 1:  # metrics of a part would mislead: they come from eval.merge
         seed = settings.seeds_to_draw[0]
+        shard_dir = Path(to_absolute_path(settings.shard_dir)) if settings.shard_dir else default_shard_dir()
+        meta = {
+            **records[seed],
+            "num_samples": settings.num_samples,
+            "batch_size": settings.batch_size,
+            "shard": settings.shard,
+        }
+        check_shard_dir(shard_dir, meta, settings.num_shards)
         arrays = generate(
             diffusion,
             sampler,
@@ -178,13 +192,6 @@ def evaluate(cfg: DictConfig) -> dict:
             guidance_scale=guidance_scale,
             precision=precision,
         )
-        shard_dir = Path(to_absolute_path(settings.shard_dir)) if settings.shard_dir else default_shard_dir()
-        meta = {
-            **records[seed],
-            "num_samples": settings.num_samples,
-            "batch_size": settings.batch_size,
-            "shard": settings.shard,
-        }
         path = save_npz(shard_dir / shard_name(settings.shard, settings.num_shards), arrays, meta)
         log.info("wrote %s (%d images); merge with task=evaluate eval.merge=%s", path, len(arrays["arr_0"]), shard_dir)
         return {"shard": str(path), "count": len(arrays["arr_0"])}
