@@ -274,3 +274,32 @@ def test_a_job_killed_outright_fails_the_sweep_instead_of_hanging(tmp_path):
     output, _ = process.communicate(timeout=180)
     assert process.returncode != 0
     assert "UncompletedJobError" in output or "has not produced any output" in output, output
+
+
+def test_a_detached_sweep_returns_once_submitted_and_its_jobs_write_their_summary_rows(tmp_path):
+    """hydra/launcher=slurm_detached: the command ends before its jobs (which train for tens of seconds); the
+    summary lists them as running, and each job fills in its row as it ends."""
+    sweep = tmp_path / "sweep"
+    started = time.monotonic()
+    result = run_main(
+        "-m",
+        "hydra/launcher=slurm_detached",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.timeout_min=30",
+        *TRAIN,
+        "schedule=linear,cosine",
+        "trainer.iterations=200",
+        "trainer.log_rate=100",
+        f"hydra.sweep.dir={sweep}",
+    )
+    returned_after = time.monotonic() - started
+    assert "submitted 2 jobs (SLURM job ids" in result.stdout + result.stderr
+    assert not (sweep / "1" / "summary.json").exists(), f"the command waited for the jobs ({returned_after:.0f} s)"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        rows = list(csv.DictReader(open(sweep / "summary.csv"))) if (sweep / "summary.csv").exists() else []
+        if [row.get("status") for row in rows] == ["done", "done"]:
+            break
+        time.sleep(2)
+    assert [row["status"] for row in rows] == ["done", "done"], rows
+    assert all(job_summary(sweep, job)["steps"] == 200 for job in range(2))

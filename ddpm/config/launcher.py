@@ -6,6 +6,8 @@ from typing import Any
 
 from ddpm.config.errors import ConfigError
 
+# hydra/launcher=slurm_detached (ddpm.runtime.detached_launch): returns once the jobs are submitted.
+DETACHED_LAUNCHER = "hydra_plugins.ddpm_search.detached_launcher.DetachedSlurmLauncher"
 # SLURM may send the time-limit signal up to this much earlier than asked (its timer resolution).
 SLURM_SIGNAL_SLACK_S = 60
 
@@ -13,7 +15,8 @@ SLURM_SIGNAL_SLACK_S = 60
 def check_launcher(launcher: Any) -> None:
     """hydra.launcher of a submitit launcher: positive counts, and a time limit that leaves the job time to run
     before its USR2 warning."""
-    if launcher is None or "submitit" not in str(launcher.get("_target_", "")):
+    target = str(launcher.get("_target_", "")) if launcher is not None else ""
+    if "submitit" not in target and target != DETACHED_LAUNCHER:
         return
     for key in ("timeout_min", "nodes", "tasks_per_node"):
         value = launcher.get(key)

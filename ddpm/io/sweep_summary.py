@@ -24,6 +24,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from ddpm.config.launcher import DETACHED_LAUNCHER
 from ddpm.io.checkpoint import write_atomically
 from ddpm.io.plots import plot_sweep
 
@@ -247,8 +248,9 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if OmegaConf.select(config, "task._target_") != TRAIN_TASK:
             return  # only training jobs write the summary.json read here: a sampling sweep would list all as failed
-        try:
-            csv_path, md_path, picture = update_summary(Path(str(config.hydra.sweep.dir)), final=True)
+        detached = OmegaConf.select(config, "hydra.launcher._target_") == DETACHED_LAUNCHER
+        try:  # a detached sweep's jobs are still running: listed as such, each updates the table as it ends
+            csv_path, md_path, picture = update_summary(Path(str(config.hydra.sweep.dir)), final=not detached)
             log.info("sweep summary: %s, %s and %s", csv_path, md_path, picture)
         except Exception as error:  # the jobs' results are all on disk already: a summary is not worth failing for
             log.warning("could not write the sweep summary: %s: %s", type(error).__name__, error)

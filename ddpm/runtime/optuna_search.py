@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpm.config.errors import ConfigError
 from ddpm.config.faults import print_error
+from ddpm.config.launcher import DETACHED_LAUNCHER
 from ddpm.config.validation import unknown_key
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,11 @@ class ResumableSearch(OptunaSweeper):
 def search_space(impl: Any, config: DictConfig, arguments: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The sweeper's settings checked, and its search space (hydra.sweeper.params, then the command line's
     sweep arguments) as (Optuna distributions, fixed values)."""
+    if OmegaConf.select(config, "hydra.launcher._target_") == DETACHED_LAUNCHER:
+        raise ConfigError(
+            "hydra/launcher=slurm_detached returns before the trials' objectives exist, which a search proposes "
+            "its next trials from: use hydra/launcher=slurm"
+        )
     for key in ("n_trials", "n_jobs"):
         value = getattr(impl, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
