@@ -201,3 +201,27 @@ def test_the_held_out_loss_of_a_compiled_network_compiles_nothing(monkeypatch):
     assert held_out(diffusion) == eager_loss  # the same number, from the same weights
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
     torch._dynamo.reset()
+
+
+def test_a_deterministic_run_trains_and_resumes_exactly_and_the_next_job_is_not_held_to_it(tmp_path, capfd):
+    """trainer.deterministic=true switches torch to deterministic kernels (every op of a step must have one) and
+    keeps resume exact; a later job in the same process without it runs with the fast kernels again."""
+    from main_in_process import RUN, run_main_in_process
+
+    from ddpm.io.checkpoint import load_checkpoint
+
+    deterministic = [*RUN, "trainer.deterministic=true", "trainer.keep_checkpoints=0"]
+    assert (
+        run_main_in_process([*deterministic, "trainer.iterations=4", f"hydra.run.dir={tmp_path / 'a'}"], capfd)[0] == 0
+    )
+    assert torch.are_deterministic_algorithms_enabled()
+    assert run_main_in_process([*deterministic, f"hydra.run.dir={tmp_path / 'b'}"], capfd)[0] == 0
+    code, output = run_main_in_process(
+        [*deterministic, "trainer.iterations=4", f"hydra.run.dir={tmp_path / 'b'}"], capfd
+    )
+    assert code == 0 and "resuming from" in output
+    straight = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")["model"]
+    resumed = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+    assert run_main_in_process([*RUN, f"hydra.run.dir={tmp_path / 'c'}"], capfd)[0] == 0
+    assert not torch.are_deterministic_algorithms_enabled()
