@@ -1,9 +1,12 @@
 """The faults a hostile probe found after the fault catalogue: each command ends in one line (exit status 1, no
-traceback) before any compute, and the existing runs' checkpoints stay byte for byte as they were.
+traceback) before any compute, and the existing runs' checkpoints and records (summary.json, metrics, samples,
+.hydra/) stay byte for byte as they were.
 
 The cases run as tests/test_fault_catalogue.py runs its own: `python main.py ...` in this process, with the
 catalogue's files; a case that starts a new run names a run directory of its own.
 """
+
+import hashlib
 
 import pytest
 from main_in_process import RUN, SAMPLE, checkpoint_files, command, run_main_in_process
@@ -223,6 +226,17 @@ PROBES = [
 ]
 
 
+def run_records(runs) -> dict[str, str]:
+    """Every file of the two runs but their checkpoints (compared with their times too), their log (which each
+    command appends to) and their lock record: summary.json, metrics, samples, .hydra/ and the rest."""
+    return {
+        str(path): hashlib.sha256(path.read_bytes()).hexdigest()
+        for run_dir in runs.values()
+        for path in sorted(run_dir.rglob("*"))
+        if path.is_file() and path.name not in ("main.log", "run.lock") and "checkpoints" not in path.parts
+    }
+
+
 @pytest.fixture(scope="module")
 def probe_files(files):
     """The catalogue's files, and a folder of grey images (a dataset without a test split)."""
@@ -237,7 +251,7 @@ def probe_files(files):
 def test_a_probe_fault_ends_in_one_line_before_the_compute(base, overrides, expected, runs, probe_files, capfd):
     run_dir = runs["cond_run"] if base is RUN else probe_files["tmp"] / "probe_task"
     args = command([*base, f"hydra.run.dir={run_dir}"], overrides, probe_files)
-    before = checkpoint_files(runs)
+    before = checkpoint_files(runs), run_records(runs)
 
     code, output = run_main_in_process(args, capfd)
 
@@ -248,7 +262,8 @@ def test_a_probe_fault_ends_in_one_line_before_the_compute(base, overrides, expe
     for text in expected:
         assert text.format(**probe_files) in errors[0], f"expected {text!r} in the error line:\n{shown}"
     assert "Traceback" not in output and "training:" not in output, f"a traceback or a step:\n{shown}"
-    assert checkpoint_files(runs) == before, f"the existing checkpoints were changed:\n{shown}"
+    assert checkpoint_files(runs) == before[0], f"the existing checkpoints were changed:\n{shown}"
+    assert run_records(runs) == before[1], f"the runs' records were changed:\n{shown}"
     assert not list((probe_files["tmp"] / "probe_run").glob("checkpoints/*.pt")), f"a new run wrote:\n{shown}"
 
 
