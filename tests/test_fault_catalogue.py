@@ -344,14 +344,21 @@ def test_a_fault_ends_in_one_line_with_nothing_lost(base, overrides, expected, r
 
     code, output = run_main_in_process(args, capfd)
 
+    shown = assert_one_error_line(code, output, args, expected, files)
+    assert checkpoint_files(runs) == before, f"the existing checkpoints were changed:\n{shown}"
+
+
+def assert_one_error_line(code: int, output: str, args: list[str], expected, paths: dict) -> str:
+    """Exit status 1, exactly one error line holding every expected text, no traceback; returns the command
+    and its output, for the messages of further checks."""
     shown = f"python main.py {' '.join(args)}\n--- exit status {code}, output:\n{output}"
     assert code == 1, f"expected exit status 1:\n{shown}"
     errors = error_lines(output)
     assert len(errors) == 1, f"expected exactly one error line:\n{shown}"
     for text in expected:
-        assert text.format(**files) in errors[0], f"expected {text.format(**files)!r} in the error line:\n{shown}"
+        assert text.format(**paths) in errors[0], f"expected {text.format(**paths)!r} in the error line:\n{shown}"
     assert "Traceback" not in output, f"a traceback:\n{shown}"
-    assert checkpoint_files(runs) == before, f"the existing checkpoints were changed:\n{shown}"
+    return shown
 
 
 def test_the_catalogue_covers_every_class_with_several_cases():

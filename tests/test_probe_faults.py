@@ -11,7 +11,7 @@ import hashlib
 import pytest
 from main_in_process import RUN, SAMPLE, checkpoint_files, command, run_main_in_process
 from PIL import Image
-from test_fault_catalogue import EVALUATE, case, error_lines
+from test_fault_catalogue import EVALUATE, assert_one_error_line, case, error_lines
 from test_search import SEARCH
 
 NEW_RUN = "hydra.run.dir={tmp}/probe_run"
@@ -255,13 +255,8 @@ def test_a_probe_fault_ends_in_one_line_before_the_compute(base, overrides, expe
 
     code, output = run_main_in_process(args, capfd)
 
-    shown = f"python main.py {' '.join(args)}\n--- exit status {code}, output:\n{output}"
-    assert code == 1, f"expected exit status 1:\n{shown}"
-    errors = error_lines(output)
-    assert len(errors) == 1, f"expected exactly one error line:\n{shown}"
-    for text in expected:
-        assert text.format(**probe_files) in errors[0], f"expected {text!r} in the error line:\n{shown}"
-    assert "Traceback" not in output and "training:" not in output, f"a traceback or a step:\n{shown}"
+    shown = assert_one_error_line(code, output, args, expected, probe_files)
+    assert "training:" not in output, f"a step:\n{shown}"
     assert checkpoint_files(runs) == before[0], f"the existing checkpoints were changed:\n{shown}"
     assert run_records(runs) == before[1], f"the runs' records were changed:\n{shown}"
     assert not list((probe_files["tmp"] / "probe_run").glob("checkpoints/*.pt")), f"a new run wrote:\n{shown}"

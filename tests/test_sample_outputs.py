@@ -60,17 +60,13 @@ def test_sigterm_while_sampling_ends_in_one_line_and_leaves_the_folder_as_it_was
     first = folder_digests(out_dir)
     # Many small batches: the first PNG is staged long before the last.
     long = sample(runs, out_dir, tmp_path, "sample.num_images=400", "sample.batch_size=1", "sample.replace=true")
-    process = start_main(*long)
-    try:
-        wait_for(out_dir / ".writing" / "000000_class0.png", process)
-        second = sample(runs, out_dir, tmp_path, "sample.num_images=2", "sample.replace=true")
+    second = sample(runs, out_dir, tmp_path, "sample.num_images=2", "sample.replace=true")
+
+    def meanwhile():
         code, output = run_main_in_process(command(second, [f"hydra.run.dir={tmp_path / 'run2'}"], {}), capfd)
         assert code == 1 and f"sample.out_dir={out_dir.resolve()} is in use by" in output  # one owner at a time
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
+
+    process, output = terminated(start_main(*long), out_dir / ".writing" / "000000_class0.png", meanwhile)
     assert process.returncode == 143, output
     assert f"received SIGTERM while sampling: stopping now; sample.out_dir={out_dir} is as it was" in output
     assert "Traceback" not in output
@@ -86,14 +82,20 @@ def test_sigterm_during_an_evaluation_ends_in_one_line(runs, tmp_path):
         *command(EVALUATE, [f"checkpoint={checkpoint}", "eval.num_samples=4000", "eval.batch_size=1"], {}),
         f"hydra.run.dir={run_dir}",
     )
+    process, output = terminated(process, run_dir / ".hydra" / "config.yaml", lambda: time.sleep(3))  # drawing
+    assert process.returncode == 143, output
+    assert "received SIGTERM during the evaluation: stopping now; the files it wrote so far are whole" in output
+    assert "Traceback" not in output and not (run_dir / "metrics.json").exists()
+
+
+def terminated(process, started: Path, meanwhile) -> tuple:
+    """SIGTERM to `process` once `started` exists and `meanwhile()` has run; the process and its output."""
     try:
-        wait_for(run_dir / ".hydra" / "config.yaml", process)
-        time.sleep(3)  # into the drawing
+        wait_for(started, process)
+        meanwhile()
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 143, output
-    assert "received SIGTERM during the evaluation: stopping now; the files it wrote so far are whole" in output
-    assert "Traceback" not in output and not (run_dir / "metrics.json").exists()
+    return process, output
