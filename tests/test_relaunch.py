@@ -5,6 +5,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+from conftest import CONF_DIR
 from main_in_process import RUN, SAMPLE, run_main_in_process
 from test_search import SEARCH
 
@@ -158,3 +160,26 @@ def test_a_trial_left_running_or_without_an_objective_fails_and_the_search_goes_
     failed = [r["number"] for r in trial_records(tmp_path) if r["params"].get("trainer.batch_size") == 0]
     assert failed and all(states[number] == "FAIL" for number in failed)
     assert "trainer.batch_size=0" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_search_space_changed_in_its_file_is_another_sweep(tmp_path, capfd):
+    """The recorded sweep holds the search space wherever it was given: an experiment file edited between two
+    launches would otherwise have its new space replayed over the old trials."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from ddpm.runtime.run_directory import ClaimRunDirectory
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        config = compose("config", overrides=["experiment=search_quickstart"], return_hydra_config=True)
+    with open_dict(config):
+        config.hydra.sweep.dir = str(tmp_path)
+    ClaimRunDirectory().on_multirun_start(config)
+    assert "hydra.sweeper.params.optimizer.lr=tag(log, interval(1e-3, 1.6e-2))" in (tmp_path / "sweep.json").read_text()
+    (tmp_path / "0").mkdir()  # the sweep has run a job
+    ClaimRunDirectory().on_multirun_start(config)  # the same sweep again
+    with open_dict(config):
+        config.hydra.sweeper.params["optimizer.lr"] = "tag(log, interval(1e-4, 1e-2))"  # the file, edited
+    with pytest.raises(SystemExit):
+        ClaimRunDirectory().on_multirun_start(config)
+    assert f"hydra.sweep.dir={tmp_path} holds another sweep" in capfd.readouterr().err

@@ -202,6 +202,9 @@ class ClaimRunDirectory(Callback):
         try:
             check_launcher(config.hydra.get("launcher"))
             check_writable(Path(config.hydra.sweep.dir), f"hydra.sweep.dir={config.hydra.sweep.dir}")
-            claim_sweep(Path(config.hydra.sweep.dir), list(config.hydra.overrides.task))
+            # The search space counts wherever it was given (the command line, or an experiment's file).
+            params = config.hydra.sweeper.get("params") or {}
+            space = [f"hydra.sweeper.params.{key}={value}" for key, value in params.items()]
+            claim_sweep(Path(config.hydra.sweep.dir), [*config.hydra.overrides.task, *space])
         except UserError as error:
             _refuse(error)

@@ -26,9 +26,11 @@ def defining_overrides(overrides: list[str]) -> list[str]:
         return override.split("=", 1)[0].lstrip("+~")
 
     return sorted(
-        override
-        for override in overrides
-        if key(override).startswith(PART_OF_THE_SWEEP) or not key(override).startswith(MAY_CHANGE)
+        {
+            override
+            for override in overrides
+            if key(override).startswith(PART_OF_THE_SWEEP) or not key(override).startswith(MAY_CHANGE)
+        }
     )
 
 
