@@ -25,8 +25,7 @@ def check_logger(node: Any) -> None:
     if node is None or node.get("_target_") != f"{__name__}.WandbLogger":
         return
     mode = node.get("mode", "offline")
-    if mode not in MODES:
-        raise ConfigError(f"logger.mode={mode!r} is not one of {list(MODES)}")
+    check_mode(mode)
     if mode != "online":
         return
     url = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
@@ -43,6 +42,11 @@ def check_logger(node: Any) -> None:
         raise ConfigError(
             f"logger.mode=online cannot reach {url.geturl()} ({error.strerror or error}): {instead}"
         ) from None
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ConfigError(f"logger.mode={mode!r} is not one of {list(MODES)}")
 
 
 def _netrc_login(host: str) -> bool:
@@ -150,7 +154,7 @@ class WandbLogger(LocalLogger):
         group: str | None = None,
         tags: list[str] | None = None,
     ):
-        check_logger({"_target_": f"{__name__}.WandbLogger", "mode": mode})
+        check_mode(mode)  # the rest of check_logger (key, network) ran before the run loaded anything
         super().__init__(run_dir, config, resume_step, resume_state)
         import wandb  # imported here so that logger=none never pays for it
 

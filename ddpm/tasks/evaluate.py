@@ -40,7 +40,7 @@ from ddpm.evaluation.scores import across_seeds, metrics_of
 from ddpm.evaluation.settings import EvalSettings, FidSettings
 from ddpm.runtime.devices import configure_backends, resolve_device
 from ddpm.runtime.fast_paths import prepare_for_sampling
-from ddpm.training.preemption import StopSignal
+from ddpm.training.preemption import stop_signals_end_at_once
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +89,9 @@ def default_shard_dir() -> Path:
 def run(cfg: DictConfig) -> float:
     """task=evaluate (`evaluate`), returning its objective to a sweeper: the FID (the minimum over eval.seeds),
     or the bits/dim with eval.fid=false; NaN for a shard or an NFE sweep, which have no one number."""
-    stop_signal = StopSignal()
-    try:  # every file is written atomically: a stop leaves whole files, and the same command starts again
-        with stop_signal.at_once("during the evaluation: stopping now; the files it wrote so far are whole"):
-            result = evaluate(cfg)
-    finally:
-        stop_signal.close()
+    # Every file is written atomically: a stop leaves whole files, and the same command starts again.
+    with stop_signals_end_at_once("during the evaluation: stopping now; the files it wrote so far are whole"):
+        result = evaluate(cfg)
     if "fid" in result:
         return float(result["fid"])
     if (result.get("nll") or {}).get("bits_per_dim") is not None:

@@ -21,7 +21,7 @@ from ddpm.io.images import save_images, save_sequence_strip
 from ddpm.runtime.devices import configure_backends, resolve_device
 from ddpm.runtime.fast_paths import prepare_for_sampling
 from ddpm.runtime.output_folder import OutputFolder
-from ddpm.training.preemption import StopSignal
+from ddpm.training.preemption import stop_signals_end_at_once
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,8 @@ def run(cfg: DictConfig) -> dict:
     device = resolve_device(settings.device, key="sample.device")
     configure_backends(device, deterministic=False)  # TF32 and cuDNN's autotuner, as training has them
     outputs = OutputFolder(out_dir, "sample.out_dir", replace=settings.replace, replace_key="sample.replace")
-    stop_signal = StopSignal()
     try:
-        with stop_signal.at_once(f"while sampling: stopping now; sample.out_dir={out_dir} is as it was"):
+        with stop_signals_end_at_once(f"while sampling: stopping now; sample.out_dir={out_dir} is as it was"):
             diffusion, state = load_diffusion(to_absolute_path(cfg.checkpoint), device, trust=cfg.trust_checkpoint)
             check_overrides_match(cfg, state["config"], cfg.checkpoint, task="sample")
             precision = prepare_for_sampling(
@@ -119,7 +118,6 @@ def run(cfg: DictConfig) -> dict:
             )
             outputs.publish(last="samples.npz")
     finally:
-        stop_signal.close()
         outputs.discard()
     result = {"out_dir": str(out_dir), "npz": str(out_dir / "samples.npz"), "shape": shape}
     if settings.sequence:

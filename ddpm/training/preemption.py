@@ -96,6 +96,18 @@ class StopSignal:
         raise Preempted(signum)
 
 
+@contextlib.contextmanager
+def stop_signals_end_at_once(what: str) -> Iterator[None]:
+    """For a task without steps to finish (sampling, evaluation): inside, SIGTERM, SIGINT or SIGUSR2 ends the
+    process at once with one line, "received SIGNAL `what`", and exit status 128 + the signal's number."""
+    stop_signal = StopSignal()
+    try:
+        with stop_signal.at_once(what):
+            yield
+    finally:
+        stop_signal.close()
+
+
 class StopAgreement:
     """Whether any rank has been asked to stop, known to every rank at the same step, with no host-device sync
     per step: each call starts a non-blocking all-reduce of this rank's flag (CPU tensors, on a gloo group of
